@@ -1,0 +1,112 @@
+//! sled implementation of [`Backend`].
+
+use super::{Backend, Txn, TxnOutcome};
+use crate::error::{Error, Kind, Result};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use std::path::Path;
+
+/// A sled database holding one keyfs store.
+pub struct SledBackend {
+    db: sled::Db,
+}
+
+impl SledBackend {
+    /// Open (or create) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let db = sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::HighThroughput)
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => Error::new(
+                    Kind::Busy,
+                    format!("the store database {} is in use by another process; stop the other keyfs (or `keyfs umount` its mountpoint) and retry", path.display()),
+                ),
+                other => Error::from(other).context(format!("opening {}", path.display())),
+            })?;
+        Ok(SledBackend { db })
+    }
+}
+
+impl Backend for SledBackend {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get(key)?.map(|v| v.to_vec()))
+    }
+
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.db
+            .scan_prefix(prefix)
+            .map(|r| {
+                r.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .map_err(Error::from)
+            })
+            .collect()
+    }
+
+    fn transact(&self, txn: &Txn) -> Result<TxnOutcome> {
+        let r = self.db.transaction(|t| {
+            for (k, expected) in &txn.guards {
+                let cur = t.get(k)?;
+                if cur.as_deref() != expected.as_deref() {
+                    return Err(ConflictableTransactionError::Abort(()));
+                }
+            }
+            for (k, v) in &txn.writes {
+                match v {
+                    Some(v) => {
+                        t.insert(k.as_slice(), v.as_slice())?;
+                    }
+                    None => {
+                        t.remove(k.as_slice())?;
+                    }
+                }
+            }
+            Ok(())
+        });
+        match r {
+            Ok(()) => Ok(TxnOutcome::Committed),
+            Err(TransactionError::Abort(())) => Ok(TxnOutcome::Conflict),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guarded_transactions() {
+        let d = tempfile::tempdir().unwrap();
+        let b = SledBackend::open(&d.path().join("db")).unwrap();
+        let mut t = Txn::default();
+        t.guard(b"a".to_vec(), None);
+        t.put(b"a".to_vec(), b"1".to_vec());
+        t.put(b"p/1".to_vec(), b"x".to_vec());
+        t.put(b"p/2".to_vec(), b"y".to_vec());
+        assert_eq!(b.transact(&t).unwrap(), TxnOutcome::Committed);
+        // Same guard now fails and writes nothing.
+        let mut t2 = Txn::default();
+        t2.guard(b"a".to_vec(), None);
+        t2.put(b"b".to_vec(), b"2".to_vec());
+        assert_eq!(b.transact(&t2).unwrap(), TxnOutcome::Conflict);
+        assert_eq!(b.get(b"b").unwrap(), None);
+        let mut t3 = Txn::default();
+        t3.guard(b"a".to_vec(), Some(b"1".to_vec()));
+        t3.delete(b"p/1".to_vec());
+        assert_eq!(b.transact(&t3).unwrap(), TxnOutcome::Committed);
+        b.flush().unwrap();
+        let s = b.scan_prefix(b"p/").unwrap();
+        assert_eq!(s, vec![(b"p/2".to_vec(), b"y".to_vec())]);
+    }
+}

@@ -1,0 +1,1 @@
+//! mount tests (to be written)

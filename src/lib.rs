@@ -6,6 +6,7 @@
 
 #![deny(missing_docs)]
 
+pub mod cli;
 pub mod crypto;
 pub mod error;
 pub mod fs;

@@ -1,1 +1,180 @@
-//! placeholder
+//! The mounted view: `core` (filesystem logic, testable without the kernel)
+//! and `fuse` (the thin fuser adapter), plus mount/unmount.
+
+pub mod core;
+pub mod fuse;
+
+use crate::error::{err, Error, Kind, Result};
+use crate::inventory::audit::{Ctx, Rec};
+use crate::inventory::{Inventory, OpenOptions};
+use crate::secret::MasterKey;
+use std::path::Path;
+use std::sync::Arc;
+
+pub use self::core::{Core, MountOptions};
+
+/// Refuse a missing, non-directory, non-empty or stale mountpoint.
+pub fn check_mountpoint(mnt: &Path) -> Result<()> {
+    match std::fs::metadata(mnt) {
+        Ok(m) if !m.is_dir() => err(Kind::Usage, format!("mountpoint {} is not a directory", mnt.display())),
+        Ok(_) => {
+            let empty = std::fs::read_dir(mnt).map(|mut d| d.next().is_none()).unwrap_or(false);
+            if empty {
+                Ok(())
+            } else {
+                err(Kind::Usage, format!("mountpoint {} is not empty; keyfs mounts only on an empty directory (is keyfs already mounted there? see `mount | grep keyfs`)", mnt.display()))
+            }
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => err(
+            Kind::Usage,
+            format!("{} is a stale mount (Transport endpoint is not connected: its daemon died); run `keyfs umount {}` and mount again", mnt.display(), mnt.display()),
+        ),
+        Err(e) => err(Kind::Usage, format!("mountpoint {} is not usable: {e}; create it with `mkdir -p {}`", mnt.display(), mnt.display())),
+    }
+}
+
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local, zero-initialised set; pthread_sigmask
+    // only changes this thread's mask (inherited by threads spawned afterwards).
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Serve `store` at `mnt` in the foreground until SIGINT/SIGTERM or an
+/// external unmount.
+pub fn mount(store: &Path, mnt: &Path, master: &MasterKey, opts: MountOptions) -> Result<()> {
+    crate::sys::harden_process();
+    check_mountpoint(mnt)?;
+    let inv = Arc::new(Inventory::open(
+        store,
+        master,
+        OpenOptions {
+            read_only: opts.read_only,
+        },
+    )?);
+    let ctx = Ctx::this_process();
+    let core = Arc::new(Core::new(inv.clone(), opts.clone()));
+    let root = crate::sys::geteuid() == 0;
+    let mut mo = vec![
+        fuser::MountOption::FSName(format!("keyfs:{}", store.display())),
+        fuser::MountOption::Subtype("keyfs".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoSuid,
+        fuser::MountOption::NoExec,
+    ];
+    if opts.read_only {
+        mo.push(fuser::MountOption::RO);
+    }
+    let mut config = fuser::Config::default();
+    config.mount_options = mo;
+    config.acl = if root {
+        fuser::SessionACL::All
+    } else {
+        fuser::SessionACL::Owner
+    };
+    config.n_threads = Some(4);
+    let sigset = block_signals();
+    let session = fuser::Session::new(fuse::KeyFs::new(core.clone()), mnt, &config).map_err(|e| {
+        Error::new(Kind::Store, format!("cannot mount at {}: {e}; is fuse3 installed and /dev/fuse present? (without root, fusermount3 must be setuid)", mnt.display()))
+    })?;
+    core.set_invalidator(fuse::spawn_invalidator(session.notifier()));
+    let bg = session
+        .spawn()
+        .map_err(|e| Error::new(Kind::Store, format!("cannot start the FUSE session: {e}")))?;
+    inv.audit_only(
+        &[Rec::ok("mount", mnt.display().to_string(), 0, 0)],
+        &ctx,
+        true,
+    )?;
+    log::info!("serving {} at {}", store.display(), mnt.display());
+    eprintln!(
+        "keyfs: serving {} at {} (Ctrl-C or `keyfs umount {}` to stop)",
+        store.display(),
+        mnt.display(),
+        mnt.display()
+    );
+    let mnt_owned = mnt.to_path_buf();
+    std::thread::Builder::new()
+        .name("keyfs-signals".into())
+        .spawn(move || {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: sigset was initialised above; sig is a valid out-parameter.
+            unsafe { libc::sigwait(&sigset, &mut sig) };
+            log::info!("signal {sig}: unmounting {}", mnt_owned.display());
+            if let Err(e) = umount(&mnt_owned) {
+                log::error!("{e}");
+            }
+        })
+        .map_err(|e| Error::new(Kind::Store, format!("cannot start the signal thread: {e}")))?;
+    let r = bg.join();
+    inv.audit_only(
+        &[Rec::ok("unmount", mnt.display().to_string(), 0, 0)],
+        &ctx,
+        true,
+    )?;
+    r.map_err(|e| {
+        Error::new(
+            Kind::Store,
+            format!("FUSE session ended with an error: {e}"),
+        )
+    })
+}
+
+/// Unmount a keyfs mountpoint (root: umount2; others: fusermount3 -u).
+pub fn umount(mnt: &Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    if crate::sys::geteuid() == 0 {
+        let c = std::ffi::CString::new(mnt.as_os_str().as_bytes())
+            .map_err(|_| Error::new(Kind::Usage, "mountpoint contains NUL"))?;
+        // SAFETY: c is a valid NUL-terminated path.
+        let rc = unsafe { libc::umount2(c.as_ptr(), 0) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EBUSY) {
+            // SAFETY: as above.
+            let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            if rc == 0 {
+                log::warn!(
+                    "{} was busy; detached it (it disappears when the last user closes it)",
+                    mnt.display()
+                );
+                return Ok(());
+            }
+        }
+        return err(
+            Kind::Usage,
+            format!(
+                "cannot unmount {}: {e}; is it a keyfs mount? (see `mount | grep keyfs`)",
+                mnt.display()
+            ),
+        );
+    }
+    let st = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg(mnt)
+        .status();
+    match st {
+        Ok(s) if s.success() => Ok(()),
+        Ok(s) => err(
+            Kind::Usage,
+            format!(
+                "fusermount3 -u {} failed ({s}); is it a keyfs mount you own?",
+                mnt.display()
+            ),
+        ),
+        Err(e) => err(
+            Kind::Usage,
+            format!("cannot run fusermount3: {e}; install fuse3"),
+        ),
+    }
+}

@@ -102,6 +102,9 @@ fn b64() -> base64::engine::GeneralPurpose {
     base64::engine::general_purpose::STANDARD
 }
 
+/// (root id, root path, every node below with its path).
+type Subtree = (u64, String, Vec<(String, Node)>);
+
 impl Inventory {
     fn walk(&self, id: u64, path: &str, out: &mut Vec<(String, Node)>) -> Result<()> {
         for (k, v) in self.backend.scan_prefix(&dirent_prefix(id))? {
@@ -128,7 +131,7 @@ impl Inventory {
         Ok(())
     }
 
-    fn subtree(&self, root: &str) -> Result<(u64, String, Vec<(String, Node)>)> {
+    fn subtree(&self, root: &str) -> Result<Subtree> {
         let root = root.trim_matches('/');
         let id = match self.resolve(root)? {
             Ino::Node(id) => id,

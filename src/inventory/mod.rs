@@ -1145,6 +1145,77 @@ impl Inventory {
         Ok(p)
     }
 
+    /// Would creating file `name` in `parent` be allowed? (Checked at `create`
+    /// so a refused name fails at open, not only at close.)
+    pub fn check_new_file(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        self.check_rw()?;
+        validate_component(name)?;
+        match parent {
+            Ino::Node(pid) => {
+                if history_of(name).is_some() {
+                    return err(
+                        Kind::Invalid,
+                        format!(
+                            "{:?}: names ending in .old are reserved for version histories",
+                            String::from_utf8_lossy(name)
+                        ),
+                    );
+                }
+                self.parent_dir_for_new(pid, name, false).map(|_| ())
+            }
+            Ino::Old(kid) => {
+                let n = self.node(kid)?;
+                let ts = parse_ts(name).ok_or_else(|| Error::new(Kind::Invalid, format!("{}.old/{}: archived versions are named by their archive time, e.g. 2026-11-28T21:40:05.123456789Z", self.path_of(kid), String::from_utf8_lossy(name))))?;
+                if n.key().is_some_and(|k| k.archived_at(ts).is_some()) {
+                    return err(Kind::Exists, "archived versions are immutable");
+                }
+                Ok(())
+            }
+            Ino::Special(_) => err(Kind::ReadOnly, ".keyfs is read-only"),
+            _ => err(
+                Kind::NotDir,
+                format!("{} is not a directory", self.ino_path(parent)),
+            ),
+        }
+    }
+
+    /// The directory inode and name an inode is listed under (for cache invalidation).
+    pub fn parent_and_name(&self, ino: Ino) -> (u64, Vec<u8>) {
+        match ino {
+            Ino::Node(id) | Ino::Pub(id) | Ino::Old(id) => match self.get_node(id) {
+                Ok(Some(n)) => {
+                    let mut name = n.name.clone();
+                    match ino {
+                        Ino::Pub(_) => {
+                            name = kinds::public_name(&n.name)
+                                .map(|p| p.to_vec())
+                                .unwrap_or(name)
+                        }
+                        Ino::Old(_) => name.extend_from_slice(names::OLD_SUFFIX),
+                        _ => {}
+                    }
+                    (n.parent, name)
+                }
+                _ => (node::ROOT, Vec::new()),
+            },
+            Ino::Ver(id, ver) => {
+                let name = self
+                    .get_node(id)
+                    .ok()
+                    .flatten()
+                    .and_then(|n| {
+                        n.key().and_then(|k| {
+                            k.version(ver)
+                                .map(|v| format_ts(v.archived_at).into_bytes())
+                        })
+                    })
+                    .unwrap_or_default();
+                (Ino::Old(id).raw(), name)
+            }
+            _ => (node::ROOT, Vec::new()),
+        }
+    }
+
     /// Write `data` as the content of a new file `name` in `parent`: an import,
     /// a rotation if a key of that name exists, or — in `<key>.old/` — the import
     /// of an archived version. Returns the committed inode.
@@ -1521,7 +1592,11 @@ impl Inventory {
             id,
             parent: pid,
             name: name.to_vec(),
-            perm: attrs.perm & 0o7777,
+            perm: if pid == node::CLIENTS {
+                attrs.perm & 0o700
+            } else {
+                attrs.perm & 0o7777
+            },
             uid: attrs.uid,
             gid: attrs.gid,
             atime: w.now,
@@ -1880,11 +1955,8 @@ impl Inventory {
         if dst == Some(src) {
             return Ok(());
         }
-        if dst.is_some() && noreplace {
-            return err(
-                Kind::Exists,
-                format!("{} already exists", self.ino_path(dst.expect("some"))),
-            );
+        if let (Some(d), true) = (dst, noreplace) {
+            return err(Kind::Exists, format!("{} already exists", self.ino_path(d)));
         }
         let mut w = self.work(ctx);
         let sid = match src {
@@ -1941,13 +2013,10 @@ impl Inventory {
             Ino::Node(p) => p,
             Ino::Old(kid) => {
                 // A file renamed into history: import its material as an archived version.
-                if dst.is_some() {
+                if let Some(d) = dst {
                     return err(
                         Kind::Exists,
-                        format!(
-                            "{} already exists; archived versions are immutable",
-                            self.ino_path(dst.expect("some"))
-                        ),
+                        format!("{} already exists; archived versions are immutable", self.ino_path(d)),
                     );
                 }
                 let Some(cur) = s.key().and_then(|k| k.current.clone()) else {
@@ -2021,6 +2090,13 @@ impl Inventory {
                         })?;
                         let material = self.open_blob(&s, &cur)?;
                         self.rotate_in(&mut w, did, &material, &format!(" from {s_path}"))?;
+                        // POSIX: after rename the name has the source's mode, owner and mtime.
+                        let mut d = w.load(did)?;
+                        d.perm = s.perm;
+                        d.uid = s.uid;
+                        d.gid = s.gid;
+                        d.mtime = s.mtime;
+                        w.save(&d);
                         w.txn.delete(blob_key(sid, cur.ver));
                         for v in &sk.archived {
                             w.destroy_version(

@@ -1,0 +1,939 @@
+//! The filesystem core: file handles, write buffering with commit at
+//! close/fsync, files staged inside `<key>.old/` by backup tools, and the
+//! kernel-cache invalidations each change needs. No `fuser` types here, so
+//! this is callable from tests without the kernel.
+
+use crate::error::{err, Error, Kind, Result};
+use crate::inventory::audit::Ctx;
+use crate::inventory::kinds::{self, MAX_SECRET};
+use crate::inventory::names::{format_ts, history_of, now_ns, parse_ts, validate_component};
+use crate::inventory::node::Ino;
+use crate::inventory::{Attr, DirEntry, FType, Inventory, NewAttrs, SetAttr};
+use crate::secret::SecretBytes;
+use std::collections::HashMap;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+/// How the mount behaves.
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    /// Refuse every change (`EROFS`).
+    pub read_only: bool,
+    /// `mkdir clients/<id>` generates the default key set.
+    pub mkdir_generates: bool,
+    /// Kernel page cache and long TTLs (with explicit invalidation).
+    pub cache: bool,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            read_only: false,
+            mkdir_generates: true,
+            cache: false,
+        }
+    }
+}
+
+impl MountOptions {
+    /// How long the kernel may keep entries and attributes. Every change made
+    /// through the mount also invalidates them explicitly.
+    pub fn ttl(&self) -> Duration {
+        if self.cache {
+            Duration::from_secs(3600)
+        } else {
+            Duration::from_secs(1)
+        }
+    }
+}
+
+/// A kernel cache invalidation, performed asynchronously after the reply
+/// (doing it inside a handler can deadlock on the kernel's inode locks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inval {
+    /// Forget the dentry `name` in directory `parent`.
+    Entry(u64, Vec<u8>),
+    /// Drop cached attributes and pages of an inode.
+    Inode(u64),
+}
+
+enum Target {
+    /// An existing key, archived version, derived public key or `.keyfs` file.
+    Ino(Ino),
+    /// A new file, committed at close as an import.
+    New {
+        parent: Ino,
+        name: Vec<u8>,
+        attrs: NewAttrs,
+    },
+    /// A temp file inside `<key>.old/` (rsync's pattern), kept in memory until
+    /// renamed to a timestamp name.
+    Staged(u64),
+}
+
+struct Handle {
+    ino: u64,
+    target: Target,
+    data: SecretBytes,
+    write: bool,
+    /// The buffer differs from what is committed.
+    dirty: bool,
+    /// A write(2) happened since the last commit (a bare O_TRUNC or create
+    /// commits only at release, so a shell's dup-and-close does not archive
+    /// an empty version).
+    written: bool,
+    ctx: Ctx,
+}
+
+struct Staged {
+    key: u64,
+    name: Vec<u8>,
+    data: SecretBytes,
+    perm: u16,
+    uid: u32,
+    gid: u32,
+    mtime: i64,
+    ctime: i64,
+}
+
+#[derive(Default)]
+struct State {
+    next: u64,
+    handles: HashMap<u64, Handle>,
+    staged: HashMap<u64, Staged>,
+    forward: HashMap<u64, Ino>,
+}
+
+impl State {
+    fn alloc(&mut self) -> u64 {
+        self.next += 1;
+        self.next
+    }
+}
+
+/// The filesystem core over one inventory.
+pub struct Core {
+    inv: Arc<Inventory>,
+    opts: MountOptions,
+    st: Mutex<State>,
+    inval: Mutex<Option<mpsc::Sender<Inval>>>,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Core({:?})", self.inv)
+    }
+}
+
+/// How a file was opened.
+#[derive(Debug, Clone, Copy)]
+pub struct Opened {
+    /// File handle.
+    pub fh: u64,
+    /// Bypass the page cache (plaintext of secrets is not cached by default).
+    pub direct_io: bool,
+    /// Read-only open: close needs no flush.
+    pub read_only: bool,
+}
+
+fn with_ino(mut a: Attr, raw: u64) -> (Attr, u64) {
+    let r = raw;
+    a.ino = Ino::from_raw(raw).unwrap_or(a.ino);
+    (a, r)
+}
+
+impl Core {
+    /// A core serving `inv`.
+    pub fn new(inv: Arc<Inventory>, opts: MountOptions) -> Self {
+        let read_only = opts.read_only || inv.is_read_only();
+        Core {
+            inv,
+            opts: MountOptions { read_only, ..opts },
+            st: Mutex::new(State::default()),
+            inval: Mutex::new(None),
+        }
+    }
+
+    /// The inventory.
+    pub fn inventory(&self) -> &Arc<Inventory> {
+        &self.inv
+    }
+
+    /// Options in force.
+    pub fn options(&self) -> &MountOptions {
+        &self.opts
+    }
+
+    /// Where invalidations go (set by the FUSE adapter once the session exists).
+    pub fn set_invalidator(&self, tx: mpsc::Sender<Inval>) {
+        *self.inval.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn invalidate(&self, items: Vec<Inval>) {
+        if let Some(tx) = self
+            .inval
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            for i in items {
+                let _ = tx.send(i);
+            }
+        }
+    }
+
+    /// Invalidations for a change to `name` in `parent` (and its history and derived public key).
+    fn inval_name(&self, parent: u64, name: &[u8], inos: &[u64]) -> Vec<Inval> {
+        let mut v = vec![Inval::Entry(parent, name.to_vec())];
+        let mut old = name.to_vec();
+        old.extend_from_slice(b".old");
+        v.push(Inval::Entry(parent, old));
+        if let Some(p) = kinds::public_name(name) {
+            v.push(Inval::Entry(parent, p.to_vec()));
+        }
+        if let Some(p) = kinds::private_name(name) {
+            v.push(Inval::Entry(parent, p.to_vec()));
+        }
+        v.extend(inos.iter().map(|i| Inval::Inode(*i)));
+        v.push(Inval::Inode(parent));
+        v
+    }
+
+    fn check_rw(&self) -> Result<()> {
+        if self.opts.read_only {
+            err(
+                Kind::ReadOnly,
+                "mounted read-only; remount without --read-only to change keys",
+            )
+        } else {
+            Ok(())
+        }
+    }
+
+    fn resolve(&self, raw: u64) -> Result<Ino> {
+        if let Some(i) = self.state().forward.get(&raw) {
+            return Ok(*i);
+        }
+        Ino::from_raw(raw)
+            .ok_or_else(|| Error::new(Kind::NotFound, format!("inode {raw} is not known")))
+    }
+
+    fn staged_attr(s: &Staged, raw: u64) -> Attr {
+        Attr {
+            ino: Ino::from_raw(raw).expect("staged ino"),
+            ftype: FType::File,
+            size: s.data.len() as u64,
+            perm: s.perm,
+            nlink: 1,
+            uid: s.uid,
+            gid: s.gid,
+            atime: s.mtime,
+            mtime: s.mtime,
+            ctime: s.ctime,
+        }
+    }
+
+    /// Attributes of `raw`, reflecting uncommitted writes of open handles.
+    pub fn getattr(&self, raw: u64) -> Result<(Attr, u64)> {
+        let ino = self.resolve(raw)?;
+        {
+            let st = self.state();
+            if let Ino::Staged(_) = ino {
+                if let Some(s) = st.staged.get(&raw) {
+                    return Ok((Self::staged_attr(s, raw), raw));
+                }
+                for h in st.handles.values() {
+                    if h.ino == raw {
+                        if let Target::New { attrs, .. } = &h.target {
+                            let now = now_ns();
+                            let a = Attr {
+                                ino,
+                                ftype: FType::File,
+                                size: h.data.len() as u64,
+                                perm: attrs.perm,
+                                nlink: 1,
+                                uid: attrs.uid,
+                                gid: attrs.gid,
+                                atime: now,
+                                mtime: now,
+                                ctime: now,
+                            };
+                            return Ok((a, raw));
+                        }
+                    }
+                }
+                return err(Kind::NotFound, "this file is gone (it was never committed)");
+            }
+        }
+        let mut a = self.inv.attr(ino)?;
+        let st = self.state();
+        if let Some(h) = st
+            .handles
+            .values()
+            .find(|h| h.dirty && matches!(h.target, Target::Ino(i) if i == ino))
+        {
+            a.size = h.data.len() as u64;
+        }
+        Ok(with_ino(a, raw))
+    }
+
+    /// Look `name` up in `parent`.
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<(Attr, u64)> {
+        let p = self.resolve(parent)?;
+        if let Ino::Old(kid) = p {
+            let st = self.state();
+            if let Some((raw, s)) = st
+                .staged
+                .iter()
+                .find(|(_, s)| s.key == kid && s.name == name)
+            {
+                return Ok((Self::staged_attr(s, *raw), *raw));
+            }
+        }
+        let ino = self.inv.lookup(p, name)?;
+        let a = self.inv.attr(ino)?;
+        Ok((a, ino.raw()))
+    }
+
+    /// Directory listing (without `.` and `..`).
+    pub fn readdir(&self, raw: u64) -> Result<Vec<DirEntry>> {
+        let ino = self.resolve(raw)?;
+        let mut out = self.inv.readdir(ino)?;
+        if let Ino::Old(kid) = ino {
+            let st = self.state();
+            for (r, s) in st.staged.iter().filter(|(_, s)| s.key == kid) {
+                out.push(DirEntry {
+                    name: s.name.clone(),
+                    ino: Ino::from_raw(*r).expect("staged"),
+                    ftype: FType::File,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Target of a symlink.
+    pub fn readlink(&self, raw: u64) -> Result<Vec<u8>> {
+        self.inv.readlink(self.resolve(raw)?)
+    }
+
+    /// Create and open a new file. Nothing is visible to others until it is
+    /// committed at close/fsync.
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &[u8],
+        perm: u16,
+        flags: i32,
+        ctx: Ctx,
+    ) -> Result<(Attr, u64, Opened)> {
+        self.check_rw()?;
+        validate_component(name)?;
+        let p = self.resolve(parent)?;
+        if let Ok((_, raw)) = self.lookup(parent, name) {
+            if flags & libc::O_EXCL != 0 {
+                return err(
+                    Kind::Exists,
+                    format!(
+                        "{}/{} already exists",
+                        self.inv.ino_path(p),
+                        String::from_utf8_lossy(name)
+                    ),
+                );
+            }
+            let o = self.open(raw, flags, ctx)?;
+            let (a, raw) = self.getattr(raw)?;
+            return Ok((a, raw, o));
+        }
+        let now = now_ns();
+        let mut st = self.state();
+        let raw = Ino::Staged(st.alloc()).raw();
+        let fh = st.alloc();
+        let attrs = NewAttrs {
+            perm,
+            uid: ctx.uid,
+            gid: ctx.gid,
+        };
+        let target = match p {
+            Ino::Old(kid) if parse_ts(name).is_none() => {
+                // A temp file of a backup tool inside a history directory.
+                st.staged.insert(
+                    raw,
+                    Staged {
+                        key: kid,
+                        name: name.to_vec(),
+                        data: SecretBytes::default(),
+                        perm: perm & 0o600,
+                        uid: ctx.uid,
+                        gid: ctx.gid,
+                        mtime: now,
+                        ctime: now,
+                    },
+                );
+                Target::Staged(raw)
+            }
+            _ => {
+                drop(st);
+                self.inv.check_new_file(p, name)?;
+                st = self.state();
+                Target::New {
+                    parent: p,
+                    name: name.to_vec(),
+                    attrs: NewAttrs {
+                        perm: kinds_cap(name, perm),
+                        ..attrs
+                    },
+                }
+            }
+        };
+        let a = Attr {
+            ino: Ino::from_raw(raw).expect("staged"),
+            ftype: FType::File,
+            size: 0,
+            perm: kinds_cap(name, perm),
+            nlink: 1,
+            uid: ctx.uid,
+            gid: ctx.gid,
+            atime: now,
+            mtime: now,
+            ctime: now,
+        };
+        st.handles.insert(
+            fh,
+            Handle {
+                ino: raw,
+                target,
+                data: SecretBytes::default(),
+                write: true,
+                dirty: true,
+                written: false,
+                ctx,
+            },
+        );
+        Ok((
+            a,
+            raw,
+            Opened {
+                fh,
+                direct_io: !self.opts.cache,
+                read_only: false,
+            },
+        ))
+    }
+
+    /// Open an existing file.
+    pub fn open(&self, raw: u64, flags: i32, ctx: Ctx) -> Result<Opened> {
+        let ino = self.resolve(raw)?;
+        let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let trunc = write && flags & libc::O_TRUNC != 0;
+        if write {
+            self.check_rw()?;
+        }
+        let (target, data) = match ino {
+            Ino::Staged(_) => {
+                let st = self.state();
+                let s = st
+                    .staged
+                    .get(&raw)
+                    .ok_or_else(|| Error::new(Kind::NotFound, "this file is gone"))?;
+                (
+                    Target::Staged(raw),
+                    if trunc {
+                        SecretBytes::default()
+                    } else {
+                        s.data.clone()
+                    },
+                )
+            }
+            Ino::Ver(..) | Ino::Special(_) if write => {
+                return err(Kind::ReadOnly, format!("{} is read-only; to make an archived version current, `mv` it over its key", self.inv.ino_path(ino)));
+            }
+            Ino::Old(_) => return err(Kind::IsDir, "is a directory"),
+            _ => {
+                let data = if trunc {
+                    SecretBytes::default()
+                } else {
+                    self.inv.read(ino, &ctx)?
+                };
+                (Target::Ino(ino), data)
+            }
+        };
+        let mut st = self.state();
+        let fh = st.alloc();
+        st.handles.insert(
+            fh,
+            Handle {
+                ino: raw,
+                target,
+                data,
+                write,
+                dirty: trunc,
+                written: false,
+                ctx,
+            },
+        );
+        // .keyfs files report size 0, so they must bypass the page cache to be readable.
+        let direct_io = !self.opts.cache || matches!(ino, Ino::Special(_));
+        Ok(Opened {
+            fh,
+            direct_io,
+            read_only: !write,
+        })
+    }
+
+    /// Read from an open handle.
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let st = self.state();
+        let h = st
+            .handles
+            .get(&fh)
+            .ok_or_else(|| Error::new(Kind::Invalid, "bad file handle"))?;
+        let d = h.data.expose();
+        let start = (offset as usize).min(d.len());
+        let end = start.saturating_add(size as usize).min(d.len());
+        Ok(d[start..end].to_vec())
+    }
+
+    /// Write into an open handle's buffer (committed at close/fsync).
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        let mut st = self.state();
+        let h = st
+            .handles
+            .get_mut(&fh)
+            .ok_or_else(|| Error::new(Kind::Invalid, "bad file handle"))?;
+        if !h.write {
+            return err(Kind::Perm, "file is not open for writing");
+        }
+        let end = offset as usize + data.len();
+        if end > MAX_SECRET {
+            return err(
+                Kind::TooBig,
+                format!("a key or secret is at most 64 KiB; this write would make it {end} bytes"),
+            );
+        }
+        h.data.write_at(offset as usize, data);
+        h.dirty = true;
+        h.written = true;
+        Ok(data.len() as u32)
+    }
+
+    /// `close` (flush): commit what was written. A handle that was only
+    /// created or truncated is validated now and committed at release.
+    pub fn flush(&self, fh: u64) -> Result<()> {
+        let pending = {
+            let st = self.state();
+            match st.handles.get(&fh) {
+                Some(h) if h.dirty && !h.written => Some((h.data.clone(), self.name_of(&h.target))),
+                _ => None,
+            }
+        };
+        match pending {
+            Some((data, Some(name))) => kinds::validate(
+                kinds::KeyKind::for_name(&name),
+                data.expose(),
+                &String::from_utf8_lossy(&name),
+            )
+            .map(|_| ()),
+            Some((_, None)) => Ok(()),
+            None => self.commit(fh),
+        }
+    }
+
+    fn name_of(&self, t: &Target) -> Option<Vec<u8>> {
+        match t {
+            Target::New { name, .. } => Some(name.clone()),
+            Target::Ino(i @ Ino::Node(_)) => Some(self.inv.parent_and_name(*i).1),
+            _ => None,
+        }
+    }
+
+    /// Commit a handle's buffer if it changed (fsync, release).
+    pub fn commit(&self, fh: u64) -> Result<()> {
+        let (target, data, ctx, raw) = {
+            let st = self.state();
+            let Some(h) = st.handles.get(&fh) else {
+                return Ok(());
+            };
+            if !h.dirty {
+                return Ok(());
+            }
+            let t = match &h.target {
+                Target::Ino(i) => Target::Ino(*i),
+                Target::New {
+                    parent,
+                    name,
+                    attrs,
+                } => Target::New {
+                    parent: *parent,
+                    name: name.clone(),
+                    attrs: *attrs,
+                },
+                Target::Staged(r) => Target::Staged(*r),
+            };
+            (t, h.data.clone(), h.ctx.clone(), h.ino)
+        };
+        let committed = match target {
+            Target::Staged(r) => {
+                let mut st = self.state();
+                if let Some(s) = st.staged.get_mut(&r) {
+                    s.data = data;
+                    s.mtime = now_ns();
+                }
+                None
+            }
+            Target::Ino(ino) => {
+                let r = self.inv.write_existing(ino, &data, &ctx)?;
+                let (parent, name) = self.inv.parent_and_name(ino);
+                self.invalidate(self.inval_name(parent, &name, &[raw, ino.raw()]));
+                Some(r)
+            }
+            Target::New {
+                parent,
+                name,
+                attrs,
+            } => {
+                let r = self.inv.write_new(parent, &name, &data, attrs, &ctx)?;
+                self.state().forward.insert(raw, r);
+                self.invalidate(self.inval_name(parent.raw(), &name, &[raw]));
+                Some(r)
+            }
+        };
+        let mut st = self.state();
+        if let Some(h) = st.handles.get_mut(&fh) {
+            h.dirty = false;
+            h.written = false;
+            if let Some(r) = committed {
+                h.target = Target::Ino(r);
+            }
+        }
+        Ok(())
+    }
+
+    /// Close a handle; commits if a flush did not.
+    pub fn release(&self, fh: u64) -> Result<()> {
+        let r = self.commit(fh);
+        self.state().handles.remove(&fh);
+        r
+    }
+
+    /// chmod/chown/utimens/truncate.
+    pub fn setattr(
+        &self,
+        raw: u64,
+        s: SetAttr,
+        size: Option<u64>,
+        fh: Option<u64>,
+        ctx: Ctx,
+    ) -> Result<(Attr, u64)> {
+        let ino = self.resolve(raw)?;
+        if let Some(size) = size {
+            self.check_rw()?;
+            if size as usize > MAX_SECRET {
+                return err(Kind::TooBig, "a key or secret is at most 64 KiB");
+            }
+            let mut st = self.state();
+            let handle = match fh.filter(|f| st.handles.get(f).is_some_and(|h| h.write)) {
+                Some(f) => Some(f),
+                None => st
+                    .handles
+                    .iter()
+                    .find(|(_, h)| h.write && h.ino == raw)
+                    .map(|(f, _)| *f),
+            };
+            if let Some(f) = handle {
+                let h = st.handles.get_mut(&f).expect("found");
+                if h.data.len() != size as usize || size == 0 {
+                    h.data.resize(size as usize);
+                    h.dirty = true;
+                }
+            } else if let Some(sf) = st.staged.get_mut(&raw) {
+                sf.data.resize(size as usize);
+            } else {
+                drop(st);
+                match ino {
+                    Ino::Node(_) | Ino::Pub(_) => {
+                        let mut data = self.inv.read(ino, &ctx)?;
+                        if data.len() != size as usize {
+                            data.resize(size as usize);
+                            self.inv.write_existing(ino, &data, &ctx)?;
+                            let (parent, name) = self.inv.parent_and_name(ino);
+                            self.invalidate(self.inval_name(parent, &name, &[raw]));
+                        }
+                    }
+                    Ino::Ver(..) | Ino::Special(_) => {
+                        return err(Kind::ReadOnly, "archived versions are read-only")
+                    }
+                    _ => return err(Kind::IsDir, "not a file"),
+                }
+            }
+        }
+        if s.perm.is_some()
+            || s.uid.is_some()
+            || s.gid.is_some()
+            || s.atime.is_some()
+            || s.mtime.is_some()
+        {
+            let mut st = self.state();
+            let now = now_ns();
+            if let Some(sf) = st.staged.get_mut(&raw) {
+                sf.perm = s.perm.unwrap_or(sf.perm) & 0o7777;
+                sf.uid = s.uid.unwrap_or(sf.uid);
+                sf.gid = s.gid.unwrap_or(sf.gid);
+                sf.mtime = s.mtime.unwrap_or(sf.mtime);
+                sf.ctime = now;
+            } else if let Some(h) = st
+                .handles
+                .values_mut()
+                .find(|h| h.ino == raw && matches!(h.target, Target::New { .. }))
+            {
+                if let Target::New { attrs, .. } = &mut h.target {
+                    attrs.perm = s.perm.unwrap_or(attrs.perm) & 0o7777;
+                    attrs.uid = s.uid.unwrap_or(attrs.uid);
+                    attrs.gid = s.gid.unwrap_or(attrs.gid);
+                }
+            } else {
+                drop(st);
+                if !matches!(ino, Ino::Old(_) | Ino::Ver(..) | Ino::Pub(_)) {
+                    self.check_rw()?;
+                }
+                self.inv.setattr(ino, s, &ctx)?;
+                self.invalidate(vec![Inval::Inode(raw)]);
+            }
+        }
+        self.getattr(raw)
+    }
+
+    /// mkdir.
+    pub fn mkdir(&self, parent: u64, name: &[u8], perm: u16, ctx: Ctx) -> Result<(Attr, u64)> {
+        self.check_rw()?;
+        let p = self.resolve(parent)?;
+        let ino = self.inv.mkdir(
+            p,
+            name,
+            NewAttrs {
+                perm,
+                uid: ctx.uid,
+                gid: ctx.gid,
+            },
+            self.opts.mkdir_generates,
+            &ctx,
+        )?;
+        self.invalidate(self.inval_name(parent, name, &[]));
+        let a = self.inv.attr(ino)?;
+        Ok((a, ino.raw()))
+    }
+
+    /// unlink.
+    pub fn unlink(&self, parent: u64, name: &[u8], ctx: Ctx) -> Result<()> {
+        self.check_rw()?;
+        let p = self.resolve(parent)?;
+        if let Ino::Old(kid) = p {
+            let mut st = self.state();
+            if let Some(raw) = st
+                .staged
+                .iter()
+                .find(|(_, s)| s.key == kid && s.name == name)
+                .map(|(r, _)| *r)
+            {
+                st.staged.remove(&raw);
+                return Ok(());
+            }
+        }
+        let target = self.inv.lookup(p, name).ok();
+        self.inv.unlink(p, name, &ctx)?;
+        let inos: Vec<u64> = target.iter().map(|i| i.raw()).collect();
+        self.invalidate(self.inval_name(parent, name, &inos));
+        Ok(())
+    }
+
+    /// rmdir.
+    pub fn rmdir(&self, parent: u64, name: &[u8], ctx: Ctx) -> Result<()> {
+        self.check_rw()?;
+        let p = self.resolve(parent)?;
+        if let Ok(Ino::Old(kid)) = self.inv.lookup(p, name) {
+            if self.state().staged.values().any(|s| s.key == kid) {
+                return err(
+                    Kind::NotEmpty,
+                    "the history directory holds files being written",
+                );
+            }
+        }
+        self.inv.rmdir(p, name, &ctx)?;
+        self.invalidate(self.inval_name(parent, name, &[]));
+        Ok(())
+    }
+
+    /// symlink.
+    pub fn symlink(
+        &self,
+        parent: u64,
+        name: &[u8],
+        target: &[u8],
+        ctx: Ctx,
+    ) -> Result<(Attr, u64)> {
+        self.check_rw()?;
+        let p = self.resolve(parent)?;
+        let ino = self.inv.symlink(
+            p,
+            name,
+            target,
+            NewAttrs {
+                perm: 0o777,
+                uid: ctx.uid,
+                gid: ctx.gid,
+            },
+            &ctx,
+        )?;
+        let a = self.inv.attr(ino)?;
+        Ok((a, ino.raw()))
+    }
+
+    /// rename, with keyfs's meanings (move, rotation, rollback, history import).
+    pub fn rename(
+        &self,
+        p1: u64,
+        n1: &[u8],
+        p2: u64,
+        n2: &[u8],
+        noreplace: bool,
+        ctx: Ctx,
+    ) -> Result<()> {
+        self.check_rw()?;
+        validate_component(n2)?;
+        let sp = self.resolve(p1)?;
+        let dp = self.resolve(p2)?;
+        // A staged temp file in a history directory, renamed into place.
+        if let Ino::Old(kid) = sp {
+            let staged = {
+                let st = self.state();
+                st.staged
+                    .iter()
+                    .find(|(_, s)| s.key == kid && s.name == n1)
+                    .map(|(r, _)| *r)
+            };
+            if let Some(raw) = staged {
+                if dp != sp {
+                    return err(
+                        Kind::Invalid,
+                        "a file in a history directory can only be renamed within it",
+                    );
+                }
+                if parse_ts(n2).is_none() {
+                    let mut st = self.state();
+                    if let Some(s) = st.staged.get_mut(&raw) {
+                        s.name = n2.to_vec();
+                    }
+                    return Ok(());
+                }
+                let data = self
+                    .state()
+                    .staged
+                    .get(&raw)
+                    .map(|s| s.data.clone())
+                    .unwrap_or_default();
+                if let Ok(existing) = self.inv.lookup(dp, n2) {
+                    if noreplace {
+                        return err(Kind::Exists, "archived version exists");
+                    }
+                    // Identical content over an existing archived version: accept (rsync re-run).
+                    if self.inv.read(existing, &ctx)?.expose() == data.expose() {
+                        let mut st = self.state();
+                        st.staged.remove(&raw);
+                        st.forward.insert(raw, existing);
+                        return Ok(());
+                    }
+                    return err(
+                        Kind::Exists,
+                        format!(
+                            "{} exists; archived versions are immutable",
+                            self.inv.ino_path(existing)
+                        ),
+                    );
+                }
+                let ino = self.inv.write_new(
+                    dp,
+                    n2,
+                    &data,
+                    NewAttrs {
+                        perm: 0o400,
+                        uid: ctx.uid,
+                        gid: ctx.gid,
+                    },
+                    &ctx,
+                )?;
+                let mut st = self.state();
+                st.staged.remove(&raw);
+                st.forward.insert(raw, ino);
+                drop(st);
+                self.invalidate(vec![
+                    Inval::Entry(p2, n2.to_vec()),
+                    Inval::Entry(p1, n1.to_vec()),
+                ]);
+                return Ok(());
+            }
+        }
+        let src = self.inv.lookup(sp, n1)?;
+        let dst_before = self.inv.lookup(dp, n2).ok();
+        self.inv.rename(sp, n1, dp, n2, noreplace, &ctx)?;
+        // The kernel now binds n2 to src's inode number: point that number at
+        // whatever n2 is in keyfs (the rotated key, the rolled-back key…).
+        if let Ok(after) = self.inv.lookup(dp, n2) {
+            if after != src {
+                self.state().forward.insert(src.raw(), after);
+            }
+        }
+        let mut inv = self.inval_name(p1, n1, &[src.raw()]);
+        inv.extend(self.inval_name(
+            p2,
+            n2,
+            &dst_before.iter().map(|i| i.raw()).collect::<Vec<_>>(),
+        ));
+        if let Ino::Ver(kid, _) = src {
+            inv.push(Inval::Inode(Ino::Node(kid).raw()));
+        }
+        self.invalidate(inv);
+        Ok(())
+    }
+
+    /// Extended attributes (read-only).
+    pub fn xattrs(&self, raw: u64) -> Result<Vec<(&'static str, Vec<u8>)>> {
+        let ino = self.resolve(raw)?;
+        if matches!(ino, Ino::Staged(_)) {
+            return Ok(Vec::new());
+        }
+        self.inv.xattrs(ino)
+    }
+
+    /// statfs: (blocks, bfree, bavail, files, ffree, bsize).
+    pub fn statfs(&self) -> (u64, u64, u64, u64, u64, u32) {
+        match crate::sys::statvfs(self.inv.dir()) {
+            Some((bsize, blocks, bfree, bavail, files, ffree)) => {
+                (blocks, bfree, bavail, files, ffree, bsize as u32)
+            }
+            None => (0, 0, 0, 0, 0, 4096),
+        }
+    }
+
+    /// Names of archived versions use this format (re-exported for the adapter's logs).
+    pub fn version_name(ts: i64) -> String {
+        format_ts(ts)
+    }
+
+    /// True when `name` is reserved for history directories.
+    pub fn is_history_name(name: &[u8]) -> bool {
+        history_of(name).is_some()
+    }
+}
+
+/// Mode a new key file gets: at most owner read/write (public keys 0644).
+fn kinds_cap(name: &[u8], perm: u16) -> u16 {
+    if kinds::KeyKind::for_name(name).is_public() {
+        perm & 0o644
+    } else {
+        perm & 0o600
+    }
+}

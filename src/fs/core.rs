@@ -82,6 +82,14 @@ struct Handle {
     /// commits only at release, so a shell's dup-and-close does not archive
     /// an empty version).
     written: bool,
+    /// A write was refused (over 64 KiB): the whole handle is abandoned, so a
+    /// failed `cp` never commits a truncated or partial key.
+    failed: bool,
+    /// chmod/utimens made through this handle before its content was
+    /// committed (`tar -xp` does write, futimens, fchmod, close): applied
+    /// again after the commit, which would otherwise cap the mode at 0600 and
+    /// set mtime to the commit time.
+    post: SetAttr,
     ctx: Ctx,
 }
 
@@ -411,6 +419,8 @@ impl Core {
                 write: true,
                 dirty: true,
                 written: false,
+                failed: false,
+                post: SetAttr::default(),
                 ctx,
             },
         );
@@ -473,6 +483,8 @@ impl Core {
                 write,
                 dirty: trunc,
                 written: false,
+                failed: false,
+                post: SetAttr::default(),
                 ctx,
             },
         );
@@ -510,9 +522,10 @@ impl Core {
         }
         let end = offset as usize + data.len();
         if end > MAX_SECRET {
+            h.failed = true;
             return err(
                 Kind::TooBig,
-                format!("a key or secret is at most 64 KiB; this write would make it {end} bytes"),
+                format!("a key or secret is at most 64 KiB; this write would make it {end} bytes; nothing will be committed from this open file"),
             );
         }
         h.data.write_at(offset as usize, data);
@@ -526,6 +539,9 @@ impl Core {
     pub fn flush(&self, fh: u64) -> Result<()> {
         let pending = {
             let st = self.state();
+            if st.handles.get(&fh).is_some_and(|h| h.failed) {
+                return Self::failed_err();
+            }
             match st.handles.get(&fh) {
                 Some(h) if h.dirty && !h.written => Some((h.data.clone(), self.name_of(&h.target))),
                 _ => None,
@@ -551,13 +567,23 @@ impl Core {
         }
     }
 
+    fn failed_err() -> Result<()> {
+        err(
+            Kind::TooBig,
+            "a write to this file was refused (a key or secret is at most 64 KiB); nothing was changed",
+        )
+    }
+
     /// Commit a handle's buffer if it changed (fsync, release).
     pub fn commit(&self, fh: u64) -> Result<()> {
-        let (target, data, ctx, raw) = {
+        let (target, data, ctx, raw, post) = {
             let st = self.state();
             let Some(h) = st.handles.get(&fh) else {
                 return Ok(());
             };
+            if h.failed {
+                return Self::failed_err();
+            }
             if !h.dirty {
                 return Ok(());
             }
@@ -574,7 +600,7 @@ impl Core {
                 },
                 Target::Staged(r) => Target::Staged(*r),
             };
-            (t, h.data.clone(), h.ctx.clone(), h.ino)
+            (t, h.data.clone(), h.ctx.clone(), h.ino, h.post)
         };
         let committed = match target {
             Target::Staged(r) => {
@@ -602,10 +628,20 @@ impl Core {
                 Some(r)
             }
         };
+        if let Some(r) = committed {
+            if post.perm.is_some() || post.atime.is_some() || post.mtime.is_some() {
+                // Attributes set on the open file before its content existed
+                // in the store; the content is committed, so a failure here
+                // is reported but changes nothing else.
+                self.inv.setattr(r, post, &ctx)?;
+                self.invalidate(vec![Inval::Inode(raw), Inval::Inode(r.raw())]);
+            }
+        }
         let mut st = self.state();
         if let Some(h) = st.handles.get_mut(&fh) {
             h.dirty = false;
             h.written = false;
+            h.post = SetAttr::default();
             if let Some(r) = committed {
                 h.target = Target::Ino(r);
             }
@@ -695,12 +731,31 @@ impl Core {
                     attrs.uid = s.uid.unwrap_or(attrs.uid);
                     attrs.gid = s.gid.unwrap_or(attrs.gid);
                 }
+                // An explicit chmod is not capped like a creation mode, and
+                // times must survive the commit: re-applied after it.
+                h.post.perm = s.perm.map(|p| p & 0o7777).or(h.post.perm);
+                h.post.atime = s.atime.or(h.post.atime);
+                h.post.mtime = s.mtime.or(h.post.mtime);
             } else {
                 drop(st);
                 if !matches!(ino, Ino::Old(_) | Ino::Ver(..) | Ino::Pub(_)) {
                     self.check_rw()?;
                 }
                 self.inv.setattr(ino, s, &ctx)?;
+                // Times set on a key whose new content is still buffered in
+                // an open handle (`cp -p` over a key) must survive the
+                // rotation committed at close.
+                if s.atime.is_some() || s.mtime.is_some() {
+                    let mut st = self.state();
+                    for h in st
+                        .handles
+                        .values_mut()
+                        .filter(|h| h.ino == raw && h.write && h.dirty)
+                    {
+                        h.post.atime = s.atime.or(h.post.atime);
+                        h.post.mtime = s.mtime.or(h.post.mtime);
+                    }
+                }
                 self.invalidate(vec![Inval::Inode(raw)]);
             }
         }

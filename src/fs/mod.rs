@@ -114,6 +114,21 @@ pub fn mount(store: &Path, mnt: &Path, master: &MasterKey, opts: MountOptions) -
             }
         })
         .map_err(|e| Error::new(Kind::Store, format!("cannot start the signal thread: {e}")))?;
+    inv.set_async_read_audit(true);
+    let flusher_inv = Arc::downgrade(&inv);
+    std::thread::Builder::new()
+        .name("keyfs-audit".into())
+        .spawn(move || {
+            // Read audits are appended in batches every 50 ms, off the read path.
+            while let Some(inv) = flusher_inv.upgrade() {
+                if let Err(e) = inv.flush_read_audits() {
+                    log::error!("appending read audits: {e}");
+                }
+                drop(inv);
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        })
+        .map_err(|e| Error::new(Kind::Store, format!("cannot start the audit thread: {e}")))?;
     let r = bg.join();
     inv.audit_only(
         &[Rec::ok("unmount", mnt.display().to_string(), 0, 0)],

@@ -246,7 +246,7 @@ impl Inventory {
                     } else {
                         format!("{path}.old/{}", format_ts(ver.archived_at))
                     };
-                    match self.open_blob(&n, ver) {
+                    match self.open_blob_uncached(&n, ver) {
                         Ok(m) => {
                             if !crypto::ct_eq(&crypto::fingerprint(m.expose()), &ver.fingerprint) {
                                 problems.push(format!(
@@ -560,6 +560,7 @@ impl Inventory {
         );
         let now = super::names::now_ns();
         self.commit(&mut txn, &[Rec::ok("rewrap", "", 0, 0)], ctx, now, true)?;
+        self.cache.clear();
         Ok(count)
     }
 
@@ -570,8 +571,12 @@ impl Inventory {
         let before = dir_size(&self.dir.join("db"));
         let all = self.backend.scan_prefix(b"")?;
         let dir = self.dir.clone();
-        let Inventory { backend, _lock, .. } = self;
-        drop(backend);
+        // Keep the store locked (a dup of the flocked descriptor) while sled closes.
+        let lock = self
+            ._lock
+            .try_clone()
+            .map_err(|e| Error::new(Kind::Store, format!("cannot keep the store lock: {e}")))?;
+        drop(self);
         let tmp = dir.join("db.compact");
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(|e| {
@@ -604,7 +609,7 @@ impl Inventory {
             Error::new(Kind::Store, format!("cannot remove {}: {e}", old.display()))
         })?;
         let after = dir_size(&dir.join("db"));
-        drop(_lock);
+        drop(lock);
         Ok((before, after))
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod audit;
+mod cache;
 pub mod kinds;
 pub mod names;
 pub mod node;
@@ -137,6 +138,10 @@ pub struct Inventory {
     audit_key: Key32,
     store_id: Vec<u8>,
     head: Mutex<Head>,
+    cache: cache::Caches,
+    /// Read audits waiting to be appended (mount mode: batched off the read path).
+    pending_reads: Mutex<Vec<(Rec, Ctx, i64)>>,
+    async_read_audit: std::sync::atomic::AtomicBool,
     writer: Mutex<u64>,
     dir: PathBuf,
     read_only: bool,
@@ -146,6 +151,15 @@ pub struct Inventory {
 impl std::fmt::Debug for Inventory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Inventory({})", self.dir.display())
+    }
+}
+
+impl Drop for Inventory {
+    fn drop(&mut self) {
+        if let Err(e) = self.flush_read_audits() {
+            log::error!("could not append the last read audits: {e}");
+        }
+        let _ = self.backend.flush();
     }
 }
 
@@ -430,6 +444,9 @@ impl Inventory {
             dir: dir.to_path_buf(),
             read_only: false,
             _lock: lock,
+            cache: Default::default(),
+            pending_reads: Mutex::new(Vec::new()),
+            async_read_audit: Default::default(),
         };
         inv.commit(&mut txn, &[Rec::ok("init", "", 0, 0)], &ctx, now, true)
     }
@@ -502,6 +519,9 @@ impl Inventory {
             dir: dir.to_path_buf(),
             read_only: opts.read_only,
             _lock: lock,
+            cache: Default::default(),
+            pending_reads: Mutex::new(Vec::new()),
+            async_read_audit: Default::default(),
         })
     }
 
@@ -526,6 +546,11 @@ impl Inventory {
         let mut head = self.head.lock().unwrap_or_else(|p| p.into_inner());
         head.guard(txn);
         let mut h = *head;
+        let reads =
+            std::mem::take(&mut *self.pending_reads.lock().unwrap_or_else(|p| p.into_inner()));
+        for (r, c, t) in &reads {
+            h = h.stage(&self.audit_key, txn, r, c, *t);
+        }
         for r in recs {
             h = h.stage(&self.audit_key, txn, r, ctx, now);
         }
@@ -533,6 +558,7 @@ impl Inventory {
             TxnOutcome::Committed => {
                 *head = h;
                 drop(head);
+                self.cache.invalidate(&txn.writes);
                 if durable {
                     self.backend.flush()?;
                 }
@@ -540,6 +566,44 @@ impl Inventory {
             }
             TxnOutcome::Conflict => err(Kind::Store, "the store changed while this operation ran (another writer); nothing was changed — retry"),
         }
+    }
+
+    /// Audit reads in batches, off the read path (the mount turns this on and
+    /// calls [`flush_read_audits`](Self::flush_read_audits) periodically).
+    pub fn set_async_read_audit(&self, on: bool) {
+        self.async_read_audit
+            .store(on, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Append queued read audits now (no fsync).
+    pub fn flush_read_audits(&self) -> Result<()> {
+        if self
+            .pending_reads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+        {
+            return Ok(());
+        }
+        let ctx = Ctx::this_process();
+        self.commit(&mut Txn::default(), &[], &ctx, now_ns(), false)
+    }
+
+    fn audit_read(&self, rec: Rec, ctx: &Ctx) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        if self
+            .async_read_audit
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            self.pending_reads
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((rec, ctx.clone(), now_ns()));
+            return Ok(());
+        }
+        self.audit_only(&[rec], ctx, false)
     }
 
     /// Append audit records on their own (reads, mount, unmount). Not fsynced:
@@ -587,10 +651,16 @@ impl Inventory {
 
     /// A node by id.
     pub fn get_node(&self, id: u64) -> Result<Option<Node>> {
+        if let Some(n) = self.cache.node(id) {
+            return Ok(Some(n));
+        }
+        let epoch = self.cache.epoch();
         match self.backend.get(&node_key(id))? {
-            Some(b) => Node::decode(&b)
-                .map(Some)
-                .map_err(|e| e.context(format!("entry {id}"))),
+            Some(b) => {
+                let n = Node::decode(&b).map_err(|e| e.context(format!("entry {id}")))?;
+                self.cache.put_node(epoch, &n);
+                Ok(Some(n))
+            }
             None => Ok(None),
         }
     }
@@ -605,10 +675,16 @@ impl Inventory {
     }
 
     fn child(&self, parent: u64, name: &[u8]) -> Result<Option<u64>> {
-        Ok(self
+        if let Some(c) = self.cache.dirent(parent, name) {
+            return Ok(c);
+        }
+        let epoch = self.cache.epoch();
+        let id = self
             .backend
             .get(&dirent_key(parent, name))?
-            .and_then(|v| v.try_into().ok().map(u64::from_be_bytes)))
+            .and_then(|v| v.try_into().ok().map(u64::from_be_bytes));
+        self.cache.put_dirent(epoch, parent, name, id);
+        Ok(id)
     }
 
     fn child_node(&self, parent: u64, name: &[u8]) -> Result<Option<Node>> {
@@ -976,6 +1052,16 @@ impl Inventory {
     }
 
     fn open_blob(&self, n: &Node, v: &Ver) -> Result<SecretBytes> {
+        if let Some(m) = self.cache.material(n.id, v.ver) {
+            return Ok(m);
+        }
+        let epoch = self.cache.epoch();
+        let m = self.open_blob_uncached(n, v)?;
+        self.cache.put_material(epoch, n.id, v.ver, &m);
+        Ok(m)
+    }
+
+    fn open_blob_uncached(&self, n: &Node, v: &Ver) -> Result<SecretBytes> {
         let raw = self.backend.get(&blob_key(n.id, v.ver))?.ok_or_else(|| {
             Error::new(
                 Kind::Integrity,
@@ -1048,12 +1134,12 @@ impl Inventory {
         };
         let path = self.ino_path(ino);
         if public {
-            self.audit_only(&[Rec::ok("read", path, n.id, v.ver)], ctx, false)?;
+            self.audit_read(Rec::ok("read", path, n.id, v.ver), ctx)?;
             return Ok(SecretBytes::new(v.public.clone()));
         }
         match self.open_blob(&n, &v) {
             Ok(m) => {
-                self.audit_only(&[Rec::ok("read", path, n.id, v.ver)], ctx, false)?;
+                self.audit_read(Rec::ok("read", path, n.id, v.ver), ctx)?;
                 Ok(m)
             }
             Err(e) => {
@@ -2016,7 +2102,10 @@ impl Inventory {
                 if let Some(d) = dst {
                     return err(
                         Kind::Exists,
-                        format!("{} already exists; archived versions are immutable", self.ino_path(d)),
+                        format!(
+                            "{} already exists; archived versions are immutable",
+                            self.ino_path(d)
+                        ),
                     );
                 }
                 let Some(cur) = s.key().and_then(|k| k.current.clone()) else {

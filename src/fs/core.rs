@@ -799,9 +799,44 @@ impl Core {
             }
         }
         let target = self.inv.lookup(p, name).ok();
+        // Where this history directory hangs, looked up before the unlink
+        // (which may drop the key entirely).
+        let history_dir = match p {
+            Ino::Old(kid) => {
+                let (gp, dir_name) = self.inv.parent_and_name(Ino::Old(kid));
+                let a = self.inv.attr(p).ok();
+                Some((gp, dir_name, a))
+            }
+            _ => None,
+        };
         self.inv.unlink(p, name, &ctx)?;
         let inos: Vec<u64> = target.iter().map(|i| i.raw()).collect();
-        self.invalidate(self.inval_name(parent, name, &inos));
+        let mut inval = self.inval_name(parent, name, &inos);
+        if let Some((gp, dir_name, a)) = history_dir {
+            // The last archived version went through `<key>.old/`: like any
+            // directory, `<key>.old/` stays (empty) until it is rmdir'ed.
+            // Otherwise `rm -r` (which unlinks the entries, then rmdirs the
+            // directory) fails with ENOENT on every history directory.
+            if matches!(
+                self.inv.lookup(Ino::Node(gp), &dir_name),
+                Err(ref e) if e.kind() == Kind::NotFound
+            ) {
+                let attrs = NewAttrs {
+                    perm: a.map_or(0o700, |a| a.perm),
+                    uid: a.map_or(ctx.uid, |a| a.uid),
+                    gid: a.map_or(ctx.gid, |a| a.gid),
+                };
+                if let Err(e) = self.inv.mkdir(Ino::Node(gp), &dir_name, attrs, false, &ctx) {
+                    log::warn!(
+                        "keeping the emptied history directory {}: {e}",
+                        String::from_utf8_lossy(&dir_name)
+                    );
+                }
+            }
+            inval.push(Inval::Entry(Ino::Node(gp).raw(), dir_name));
+            inval.push(Inval::Inode(Ino::Node(gp).raw()));
+        }
+        self.invalidate(inval);
         Ok(())
     }
 

@@ -31,12 +31,15 @@ impl Drop for Locked {
     }
 }
 
+/// (parent id, name) → child id, or `None` when known absent.
+type DirentMap = HashMap<(u64, Vec<u8>), Option<u64>>;
+
 /// The caches of one open inventory.
 #[derive(Default)]
 pub struct Caches {
     epoch: AtomicU64,
     nodes: Mutex<HashMap<u64, Node>>,
-    dirents: Mutex<HashMap<(u64, Vec<u8>), Option<u64>>>,
+    dirents: Mutex<DirentMap>,
     material: Mutex<HashMap<(u64, u32), Locked>>,
 }
 

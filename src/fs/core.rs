@@ -343,7 +343,10 @@ impl Core {
         validate_component(name)?;
         let p = self.resolve(parent)?;
         if let Ok((_, raw)) = self.lookup(parent, name) {
-            if flags & libc::O_EXCL != 0 {
+            // A derived public key accepts its identical content even from an
+            // exclusive create: `cp -a` and tar restore storage.pub after storage.
+            let derived = matches!(Ino::from_raw(raw), Some(Ino::Pub(_)));
+            if flags & libc::O_EXCL != 0 && !derived {
                 return err(
                     Kind::Exists,
                     format!(
@@ -804,7 +807,7 @@ impl Core {
         let history_dir = match p {
             Ino::Old(kid) => {
                 let (gp, dir_name) = self.inv.parent_and_name(Ino::Old(kid));
-                let a = self.inv.attr(p).ok();
+                let a = self.inv.attr(p).ok().map(|a| (a.perm, a.uid, a.gid));
                 Some((gp, dir_name, a))
             }
             _ => None,
@@ -822,9 +825,9 @@ impl Core {
                 Err(ref e) if e.kind() == Kind::NotFound
             ) {
                 let attrs = NewAttrs {
-                    perm: a.map_or(0o700, |a| a.perm),
-                    uid: a.map_or(ctx.uid, |a| a.uid),
-                    gid: a.map_or(ctx.gid, |a| a.gid),
+                    perm: a.map_or(0o700, |a| a.0),
+                    uid: a.map_or(ctx.uid, |a| a.1),
+                    gid: a.map_or(ctx.gid, |a| a.2),
                 };
                 if let Err(e) = self.inv.mkdir(Ino::Node(gp), &dir_name, attrs, false, &ctx) {
                     log::warn!(

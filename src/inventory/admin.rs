@@ -144,7 +144,14 @@ impl Inventory {
         };
         let base = self.path_of(id);
         let mut out = Vec::new();
-        if self.node(id)?.is_dir() {
+        let root_node = self.node(id)?;
+        if root_node.is_dir() {
+            if !matches!(
+                id,
+                node::ROOT | node::CLIENTS | node::POISON | node::AUDIT_DIR
+            ) {
+                out.push((base.clone(), root_node));
+            }
             self.walk(id, &base, &mut out)?;
         } else {
             out.push((base.clone(), self.node(id)?));
@@ -464,7 +471,22 @@ impl Inventory {
                     Error::new(Kind::Invalid, format!("{p}: bundle material is not base64"))
                 })?);
                 let public = kinds::validate(kind, m.expose(), &p)?;
+                // Keep the bundle's version numbers (they name versions in listings and audit).
+                if bv.version == 0
+                    || bv.version >= node::MAX_VER - 1
+                    || kb.version(bv.version).is_some()
+                {
+                    return err(
+                        Kind::Invalid,
+                        format!(
+                            "{p}: bundle has an invalid or duplicate version number {}",
+                            bv.version
+                        ),
+                    );
+                }
                 let mut v = w.new_ver(&mut kb, kind, m.expose(), public)?;
+                v.ver = bv.version;
+                kb.next_ver = kb.next_ver.max(bv.version + 1);
                 v.created = parse_ts(bv.created.as_bytes()).unwrap_or(w.now);
                 w.seal(id, &v, m.expose());
                 match bv.archived.as_deref().and_then(|a| parse_ts(a.as_bytes())) {

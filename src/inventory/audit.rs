@@ -8,7 +8,9 @@ use crate::error::{Error, Kind, Result};
 use crate::secret::Key32;
 use crate::store::{Backend, Txn};
 
-/// Store key of the chain head (seq u64 || mac 32).
+/// Store key of the chain head (seq u64 || mac 32 || head MAC 32). The head
+/// MAC (HMAC under the audit key) stops someone without the key from cutting
+/// the log's tail and pointing the head at an earlier entry.
 pub const HEAD_KEY: &[u8] = b"m/audit_head";
 
 /// Who asked for an operation.
@@ -92,9 +94,9 @@ impl Head {
                 seq: 0,
                 mac: [0; 32],
             }),
-            Some(v) if v.len() == 40 => Ok(Head {
+            Some(v) if v.len() == 72 => Ok(Head {
                 seq: u64::from_be_bytes(v[..8].try_into().expect("8")),
-                mac: v[8..].try_into().expect("32"),
+                mac: v[8..40].try_into().expect("32"),
             }),
             Some(_) => Err(Error::new(
                 Kind::Integrity,
@@ -112,25 +114,34 @@ impl Head {
         v.extend_from_slice(&mac);
         txn.put(entry_key(seq), v);
         let h = Head { seq, mac };
-        txn.put(HEAD_KEY.to_vec(), h.encode());
+        txn.put(HEAD_KEY.to_vec(), h.encode(key));
         h
     }
 
     /// Guard a transaction on the head still being `self` (no other writer appended).
-    pub fn guard(&self, txn: &mut Txn) {
+    pub fn guard(&self, key: &Key32, txn: &mut Txn) {
         txn.guard(
             HEAD_KEY.to_vec(),
             if self.seq == 0 {
                 None
             } else {
-                Some(self.encode())
+                Some(self.encode(key))
             },
         );
     }
 
-    fn encode(&self) -> Vec<u8> {
+    fn head_mac(&self, key: &Key32) -> [u8; 32] {
+        hmac_sha256(
+            key,
+            &[b"keyfs-audit-head-v1", &self.seq.to_be_bytes(), &self.mac],
+        )
+    }
+
+    /// Stored form: seq || mac || HMAC(audit key, "keyfs-audit-head-v1" || seq || mac).
+    pub fn encode(&self, key: &Key32) -> Vec<u8> {
         let mut h = self.seq.to_be_bytes().to_vec();
         h.extend_from_slice(&self.mac);
+        h.extend_from_slice(&self.head_mac(key));
         h
     }
 }
@@ -167,6 +178,15 @@ pub fn verify(b: &dyn Backend, key: &Key32) -> Result<Vec<String>> {
         Err(e) => return Ok(vec![e.message().to_string()]),
     };
     let mut problems = Vec::new();
+    match b.get(HEAD_KEY)? {
+        // Every store has at least its `init` entry, so a missing head means deletion.
+        None => problems.push("audit chain head is missing: the log was deleted".to_string()),
+        Some(raw) => {
+            if !ct_eq(&raw, &head.encode(key)) {
+                problems.push("audit chain head was altered (head MAC mismatch): entries at the end were probably deleted".to_string());
+            }
+        }
+    }
     let mut prev = [0u8; 32];
     let mut expect_seq = 1u64;
     for (k, v) in b.scan_prefix(b"a/")? {
@@ -177,7 +197,9 @@ pub fn verify(b: &dyn Backend, key: &Key32) -> Result<Vec<String>> {
                 continue;
             }
         };
-        if seq != expect_seq {
+        if seq < expect_seq {
+            problems.push(format!("audit entry {seq} is out of order (inserted)"));
+        } else if seq != expect_seq {
             problems.push(format!(
                 "audit entries {expect_seq}..{} are missing (deleted)",
                 seq - 1
@@ -185,7 +207,7 @@ pub fn verify(b: &dyn Backend, key: &Key32) -> Result<Vec<String>> {
         }
         if v.len() < 32 {
             problems.push(format!("audit entry {seq} is truncated"));
-            expect_seq = seq + 1;
+            expect_seq = seq.saturating_add(1);
             continue;
         }
         let (line, mac) = v.split_at(v.len() - 32);
@@ -195,7 +217,7 @@ pub fn verify(b: &dyn Backend, key: &Key32) -> Result<Vec<String>> {
             ));
         }
         prev = mac.try_into().expect("32");
-        expect_seq = seq + 1;
+        expect_seq = seq.saturating_add(1);
     }
     if expect_seq - 1 != head.seq {
         problems.push(format!(

@@ -544,7 +544,7 @@ impl Inventory {
         durable: bool,
     ) -> Result<()> {
         let mut head = self.head.lock().unwrap_or_else(|p| p.into_inner());
-        head.guard(txn);
+        head.guard(&self.audit_key, txn);
         let mut h = *head;
         let reads =
             std::mem::take(&mut *self.pending_reads.lock().unwrap_or_else(|p| p.into_inner()));
@@ -2035,7 +2035,12 @@ impl Inventory {
         validate_component(n2)?;
         let dst = match self.lookup(p2, n2) {
             Ok(i) => Some(i),
-            Err(e) if e.kind() == Kind::NotFound => None,
+            // A key that has only history (its `.old/` was restored first) is
+            // still the key this name belongs to: renaming onto it imports.
+            Err(e) if e.kind() == Kind::NotFound => match p2 {
+                Ino::Node(pid2) => self.child(pid2, n2)?.map(Ino::Node),
+                _ => None,
+            },
             Err(e) => return Err(e),
         };
         if dst == Some(src) {

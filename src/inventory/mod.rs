@@ -8,6 +8,7 @@ mod cache;
 pub mod kinds;
 pub mod names;
 pub mod node;
+pub mod sealed;
 
 use crate::crypto::{self, RecordId, Sealed, StoreKeys};
 use crate::error::{err, Error, Kind, Result};
@@ -135,6 +136,7 @@ pub const GLOBAL_KEYS: &[(u64, &str)] = &[
 pub struct Inventory {
     backend: Box<dyn Backend>,
     keys: StoreKeys,
+    master: MasterKey,
     audit_key: Key32,
     store_id: Vec<u8>,
     head: Mutex<Head>,
@@ -434,6 +436,7 @@ impl Inventory {
         let inv = Inventory {
             backend: Box::new(backend),
             keys,
+            master: MasterKey::from_key(Key32::new(*master.0.expose())),
             audit_key,
             store_id,
             head: Mutex::new(Head {
@@ -512,6 +515,7 @@ impl Inventory {
         Ok(Inventory {
             backend: Box::new(backend),
             keys,
+            master: MasterKey::from_key(Key32::new(*master.0.expose())),
             audit_key,
             store_id,
             head: Mutex::new(head),
@@ -1229,6 +1233,124 @@ impl Inventory {
             ClientId::parse(name)?;
         }
         Ok(p)
+    }
+
+    /// Size of the sealed-view file of a key version (no I/O beyond metadata).
+    pub fn sealed_size(&self, ino: Ino) -> Result<u64> {
+        let (id, v) = self.version_of_ino(ino)?;
+        Ok(sealed::encoded_len(
+            self.store_id.len(),
+            self.path_of(id).len(),
+            v.size as usize,
+        ))
+    }
+
+    fn version_of_ino(&self, ino: Ino) -> Result<(u64, Ver)> {
+        let gone = || {
+            Error::new(
+                Kind::NotFound,
+                format!("{} no longer exists", self.ino_path(ino)),
+            )
+        };
+        match ino {
+            Ino::Node(id) => Ok((
+                id,
+                self.node(id)?
+                    .key()
+                    .and_then(|k| k.current.clone())
+                    .ok_or_else(gone)?,
+            )),
+            Ino::Ver(id, ver) => Ok((
+                id,
+                self.node(id)?
+                    .key()
+                    .and_then(|k| k.archived.iter().find(|v| v.ver == ver).cloned())
+                    .ok_or_else(gone)?,
+            )),
+            _ => err(
+                Kind::Invalid,
+                format!("{} has no sealed form", self.ino_path(ino)),
+            ),
+        }
+    }
+
+    /// The sealed-view content of a key version: its sealed record with the
+    /// identity it is bound to, authenticated. Never plaintext. Audited as `read-sealed`.
+    pub fn export_sealed(&self, ino: Ino, ctx: &Ctx) -> Result<Vec<u8>> {
+        let (id, v) = self.version_of_ino(ino)?;
+        let raw = self.backend.get(&blob_key(id, v.ver))?.ok_or_else(|| {
+            Error::new(
+                Kind::Integrity,
+                format!(
+                    "{}: sealed record of version {} is missing; run `keyfs check`",
+                    self.ino_path(ino),
+                    v.ver
+                ),
+            )
+        })?;
+        let f = sealed::SealedFile {
+            store_id: self.store_id.clone(),
+            path: self.path_of(id),
+            entry: id,
+            version: v.ver,
+            kind: v.kind,
+            created: v.created,
+            archived_at: v.archived_at,
+            sealed: raw,
+        };
+        self.audit_read(Rec::ok("read-sealed", self.ino_path(ino), id, v.ver), ctx)?;
+        Ok(f.encode(&self.master))
+    }
+
+    /// Restore a sealed-view file written as `name` in `parent`. The file must
+    /// authenticate under this store's master key and belong exactly to this
+    /// path (and, in `<key>.old/`, to this archive instant); its material is
+    /// then imported as by [`write_new`](Self::write_new).
+    pub fn import_sealed(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        bytes: &[u8],
+        attrs: NewAttrs,
+        ctx: &Ctx,
+    ) -> Result<Ino> {
+        self.check_rw()?;
+        let f = sealed::SealedFile::decode(bytes, &self.master)?;
+        let (target, archived) = match parent {
+            Ino::Node(pid) => (
+                format!("{}/{}", self.path_of(pid), String::from_utf8_lossy(name))
+                    .trim_start_matches('/')
+                    .to_string(),
+                0,
+            ),
+            Ino::Old(kid) => (self.path_of(kid), parse_ts(name).unwrap_or(-1)),
+            _ => {
+                return err(
+                    Kind::NotDir,
+                    format!("{} is not a directory", self.ino_path(parent)),
+                )
+            }
+        };
+        if f.path != target || f.archived_at != archived {
+            let what = if f.archived_at == 0 {
+                f.path.clone()
+            } else {
+                format!("{}.old/{}", f.path, format_ts(f.archived_at))
+            };
+            return err(Kind::Invalid, format!("this sealed file belongs to {what}; a sealed record can only be restored at its own path"));
+        }
+        let keys = StoreKeys::derive(&self.master, &f.store_id);
+        let material = keys
+            .open(
+                RecordId {
+                    entry: f.entry,
+                    version: f.version,
+                    kind: f.kind as u8,
+                },
+                &Sealed::decode(&f.sealed)?,
+            )
+            .map_err(|e| e.context(format!("sealed file for {target}")))?;
+        self.write_new(parent, name, &material, attrs, ctx)
     }
 
     /// Would creating file `name` in `parent` be allowed? (Checked at `create`

@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 
 /// A fresh temp dir per test.
 pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("keyfs-test-").tempdir().expect("tempdir")
+    tempfile::Builder::new()
+        .prefix("keyfs-test-")
+        .tempdir()
+        .expect("tempdir")
 }
 
 /// Path of the keyfs binary built for this test run.
@@ -22,4 +25,538 @@ pub fn master_key_file(dir: &Path, byte: u8) -> (PathBuf, String) {
     std::fs::write(&p, &b64).unwrap();
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
     (p, b64)
+}
+
+// ---------------------------------------------------------------------------
+// Running commands
+// ---------------------------------------------------------------------------
+
+use std::ffi::OsStr;
+use std::io::Write as _;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long any single command may take before the test fails (a hung FUSE
+/// request must fail the test, not hang CI).
+pub const CMD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What a finished command printed and how it ended.
+#[derive(Debug, Clone)]
+pub struct Out {
+    /// The command line, for messages.
+    pub cmd: String,
+    /// Exit code (None: killed by a signal).
+    pub code: Option<i32>,
+    /// Standard output.
+    pub stdout: Vec<u8>,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl Out {
+    /// Exit code 0.
+    pub fn ok(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    /// stdout as (lossy) text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    /// Panic unless the command succeeded.
+    #[track_caller]
+    pub fn assert_ok(&self) -> &Self {
+        assert!(
+            self.ok(),
+            "`{}` failed with {:?}\nstdout: {}\nstderr: {}",
+            self.cmd,
+            self.code,
+            self.text(),
+            self.stderr
+        );
+        self
+    }
+
+    /// Panic unless the command failed and its stderr contains `msg`
+    /// (e.g. the strerror text "Permission denied").
+    #[track_caller]
+    pub fn assert_fails_with(&self, msg: &str) -> &Self {
+        assert!(
+            !self.ok(),
+            "`{}` should have failed with {msg:?} but succeeded\nstdout: {}\nstderr: {}",
+            self.cmd,
+            self.text(),
+            self.stderr
+        );
+        assert!(
+            self.stderr.contains(msg),
+            "`{}` failed ({:?}) but its stderr does not say {msg:?}:\n{}",
+            self.cmd,
+            self.code,
+            self.stderr
+        );
+        self
+    }
+}
+
+fn describe(prog: &OsStr, args: &[&OsStr]) -> String {
+    let mut s = prog.to_string_lossy().into_owned();
+    for a in args {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+/// Wait for `child` (stdin/stdout/stderr already set up) with a deadline;
+/// on timeout kill it and panic.
+fn wait_output(child: Child, cmd: String, timeout: Duration) -> Out {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(Ok(o)) => Out {
+            cmd,
+            code: o.status.code(),
+            stdout: o.stdout,
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        },
+        Ok(Err(e)) => panic!("waiting for `{cmd}`: {e}"),
+        Err(_) => {
+            // SAFETY: plain kill(2) of our own child's pid.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("`{cmd}` did not finish within {timeout:?} (a hung mount?); killed it");
+        }
+    }
+}
+
+/// Run `prog args…` and capture its output (never panics on failure, only on
+/// a timeout). The environment carries no master key (`KEYFS_MASTER_KEY` is
+/// removed) so every test says which key it uses.
+pub fn run<S: AsRef<OsStr>>(prog: impl AsRef<OsStr>, args: &[S]) -> Out {
+    run_stdin(prog, args, None)
+}
+
+/// Like [`run`], feeding `stdin` to the command.
+pub fn run_stdin<S: AsRef<OsStr>>(
+    prog: impl AsRef<OsStr>,
+    args: &[S],
+    stdin: Option<&[u8]>,
+) -> Out {
+    let prog = prog.as_ref();
+    let a: Vec<&OsStr> = args.iter().map(|s| s.as_ref()).collect();
+    let cmd = describe(prog, &a);
+    let mut c = Command::new(prog);
+    c.args(&a)
+        .env_remove("KEYFS_MASTER_KEY")
+        .env("LC_ALL", "C")
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap_or_else(|e| {
+        panic!("cannot run `{cmd}`: {e} (is it installed? see scripts/setup.sh)")
+    });
+    if let Some(input) = stdin {
+        let mut w = child.stdin.take().expect("stdin");
+        let input = input.to_vec();
+        std::thread::spawn(move || {
+            let _ = w.write_all(&input);
+        });
+    }
+    wait_output(child, cmd, CMD_TIMEOUT)
+}
+
+/// Run a `sh -c` script (for redirections such as `head -c 70000 /dev/zero > F`).
+pub fn sh(script: &str) -> Out {
+    run("sh", &["-c", script])
+}
+
+/// Run `prog args…` as uid/gid 65534 with no supplementary groups (through
+/// `setpriv`), to check what another local user sees.
+pub fn run_as_nobody<S: AsRef<OsStr>>(prog: &str, args: &[S]) -> Out {
+    let mut a: Vec<&OsStr> = vec![
+        OsStr::new("--reuid=65534"),
+        OsStr::new("--regid=65534"),
+        OsStr::new("--clear-groups"),
+        OsStr::new(prog),
+    ];
+    a.extend(args.iter().map(|s| s.as_ref()));
+    run("setpriv", &a)
+}
+
+/// Run the keyfs binary.
+pub fn keyfs<S: AsRef<OsStr>>(args: &[S]) -> Out {
+    run(keyfs_bin(), args)
+}
+
+/// SHA-256 of `data`, hex.
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Every regular file under `dir` (relative path → (mode, SHA-256)), skipping
+/// relative paths listed in `skip`: a snapshot to show "nothing changed".
+pub fn tree_digest(
+    dir: &Path,
+    skip: &[&str],
+) -> std::collections::BTreeMap<PathBuf, (u32, String)> {
+    use std::os::unix::fs::PermissionsExt;
+    fn walk(
+        root: &Path,
+        d: &Path,
+        skip: &[&str],
+        out: &mut std::collections::BTreeMap<PathBuf, (u32, String)>,
+    ) {
+        for e in std::fs::read_dir(d).unwrap_or_else(|e| panic!("read_dir {}: {e}", d.display())) {
+            let e = e.unwrap();
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().to_path_buf();
+            if skip.iter().any(|s| rel == Path::new(s)) {
+                continue;
+            }
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            if m.is_dir() {
+                out.insert(rel.clone(), (m.permissions().mode(), String::new()));
+                walk(root, &p, skip, out);
+            } else {
+                let data = std::fs::read(&p).unwrap_or_default();
+                out.insert(rel, (m.permissions().mode(), sha256_hex(&data)));
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(dir, dir, skip, &mut out);
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Real mounts
+// ---------------------------------------------------------------------------
+
+/// How long a mount may take to appear in /proc/mounts.
+pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the daemon may take to exit after an unmount.
+pub const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Mounted tests need root (allow_other, chown, setpriv) and /dev/fuse. CI
+/// runs as root: anything else is a loud failure, never a silent pass.
+#[track_caller]
+pub fn require_root_and_fuse() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "mounted tests need root and /dev/fuse (euid is {euid}); run them as root, e.g. \
+         `sudo -E cargo test --test tests mount` or scripts/test.sh"
+    );
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "mounted tests need /dev/fuse; run scripts/setup.sh (modprobe fuse / mknod /dev/fuse c 10 229)"
+    );
+}
+
+/// True when `mnt` is a mountpoint according to /proc/mounts.
+pub fn is_mounted(mnt: &Path) -> bool {
+    let want = mnt
+        .to_string_lossy()
+        .replace('\\', "\\134")
+        .replace(' ', "\\040")
+        .replace('\t', "\\011")
+        .replace('\n', "\\012");
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(want.as_str()))
+}
+
+/// A store with a master key in a temp dir, served by a `keyfs mount` child
+/// process. Dropping it ALWAYS unmounts (`keyfs umount`, then `umount -l`)
+/// and reaps or kills the daemon — also when the test panics.
+pub struct Mounted {
+    /// Everything lives here (removed after the unmount).
+    pub dir: tempfile::TempDir,
+    /// The store directory.
+    pub store: PathBuf,
+    /// The mountpoint.
+    pub mnt: PathBuf,
+    /// The 0600 base64 master key file (made by `keyfs init --generate-master-key`).
+    pub master_key: PathBuf,
+    /// The daemon's stdout+stderr, appended across remounts.
+    pub log: PathBuf,
+    /// Extra `keyfs mount` options in force (reused by remount).
+    pub opts: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Mounted {
+    /// A new store with one generated client `alice01`, mounted with default options.
+    pub fn with_client(client: &str) -> Mounted {
+        let m = Mounted::unmounted();
+        m.keyfs_mk(&["generate", "--store", m.store_str(), "--client-id", client])
+            .assert_ok();
+        m.into_mounted(&[])
+    }
+
+    /// A new, empty store mounted with `opts` (e.g. `["--read-only"]`).
+    pub fn new(opts: &[&str]) -> Mounted {
+        Mounted::unmounted().into_mounted(opts)
+    }
+
+    /// A new store and master key, not mounted yet (use [`Mounted::mount`]).
+    pub fn unmounted() -> Mounted {
+        require_root_and_fuse();
+        let dir = tempdir();
+        let store = dir.path().join("store");
+        let mnt = dir.path().join("mnt");
+        let master_key = dir.path().join("master.key");
+        let log = dir.path().join("daemon.log");
+        std::fs::create_dir(&mnt).unwrap();
+        let m = Mounted {
+            dir,
+            store,
+            mnt,
+            master_key,
+            log,
+            opts: Vec::new(),
+            child: None,
+        };
+        let o = keyfs(&[
+            OsStr::new("init"),
+            m.store.as_os_str(),
+            OsStr::new("--generate-master-key"),
+            m.master_key.as_os_str(),
+        ]);
+        o.assert_ok();
+        m
+    }
+
+    fn into_mounted(mut self, opts: &[&str]) -> Mounted {
+        self.mount(opts);
+        self
+    }
+
+    /// The store path as &str (temp paths are UTF-8).
+    pub fn store_str(&self) -> &str {
+        self.store.to_str().expect("utf-8 temp path")
+    }
+
+    /// The mountpoint as &str.
+    pub fn mnt_str(&self) -> &str {
+        self.mnt.to_str().expect("utf-8 temp path")
+    }
+
+    /// `MNT/rel`.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    /// `MNT/rel` as a String (for tool arguments).
+    pub fn p(&self, rel: &str) -> String {
+        self.path(rel).to_str().expect("utf-8").to_owned()
+    }
+
+    /// The daemon's log so far.
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_else(|e| format!("(no log: {e})"))
+    }
+
+    /// The daemon's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Run `keyfs --master-key-file MK args…`.
+    pub fn keyfs_mk<S: AsRef<OsStr>>(&self, args: &[S]) -> Out {
+        let mut a: Vec<&OsStr> = vec![OsStr::new("--master-key-file"), self.master_key.as_os_str()];
+        a.extend(args.iter().map(|s| s.as_ref()));
+        keyfs(&a)
+    }
+
+    /// Start `keyfs mount STORE MNT opts…` and wait until it is in
+    /// /proc/mounts (panics with the daemon's log otherwise).
+    #[track_caller]
+    pub fn mount(&mut self, opts: &[&str]) {
+        assert!(self.child.is_none(), "already mounted");
+        assert!(
+            !is_mounted(&self.mnt),
+            "{} is still mounted before mount",
+            self.mnt.display()
+        );
+        self.opts = opts.iter().map(|s| s.to_string()).collect();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut c = Command::new(keyfs_bin());
+        c.arg("--master-key-file")
+            .arg(&self.master_key)
+            .arg("mount")
+            .arg(&self.store)
+            .arg(&self.mnt)
+            .args(&self.opts)
+            .env_remove("KEYFS_MASTER_KEY")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let mut child = c.spawn().expect("spawning keyfs mount");
+        let start = Instant::now();
+        loop {
+            if is_mounted(&self.mnt) {
+                break;
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!(
+                    "keyfs mount {} {} exited ({st}) before mounting; daemon log:\n{}",
+                    self.store.display(),
+                    self.mnt.display(),
+                    self.daemon_log()
+                );
+            }
+            if start.elapsed() > MOUNT_TIMEOUT {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "{} did not appear in /proc/mounts within {MOUNT_TIMEOUT:?}; daemon log:\n{}",
+                    self.mnt.display(),
+                    self.daemon_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child = Some(child);
+    }
+
+    /// Unmount (`keyfs umount`, falling back to `umount -l`) and wait for the
+    /// daemon to exit (killing it after [`EXIT_TIMEOUT`]). Returns the
+    /// daemon's exit code. Never panics, so it is safe in Drop.
+    pub fn unmount(&mut self) -> Option<i32> {
+        if is_mounted(&self.mnt) {
+            let o = std::panic::catch_unwind(|| {
+                run(keyfs_bin(), &[OsStr::new("umount"), self.mnt.as_os_str()])
+            });
+            if !matches!(&o, Ok(o) if o.ok()) || is_mounted(&self.mnt) {
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(&self.mnt)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+        let mut child = self.child.take()?;
+        let start = Instant::now();
+        loop {
+            match child.try_wait() {
+                Ok(Some(st)) => return st.code(),
+                Ok(None) if start.elapsed() < EXIT_TIMEOUT => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    eprintln!(
+                        "keyfs daemon for {} did not exit within {EXIT_TIMEOUT:?} after unmount; killed it",
+                        self.mnt.display()
+                    );
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Unmount and panic unless the daemon exited cleanly (code 0).
+    #[track_caller]
+    pub fn unmount_clean(&mut self) {
+        let code = self.unmount();
+        assert_eq!(
+            code,
+            Some(0),
+            "keyfs mount did not exit cleanly after unmount; daemon log:\n{}",
+            self.daemon_log()
+        );
+        assert!(
+            !is_mounted(&self.mnt),
+            "{} still mounted",
+            self.mnt.display()
+        );
+    }
+
+    /// Unmount and mount the same store again with the same options.
+    #[track_caller]
+    pub fn remount(&mut self) {
+        self.unmount_clean();
+        let opts = self.opts.clone();
+        self.mount(&opts.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+
+    /// `kill -9` the daemon, reap it, and clean the stale mount with
+    /// `umount -l` (the mountpoint then answers ENOTCONN no more).
+    #[track_caller]
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("kill9: not mounted");
+        child.kill().expect("kill -9 keyfs");
+        let st = child.wait().expect("reaping keyfs");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&st),
+            Some(libc::SIGKILL),
+            "daemon ended otherwise than by SIGKILL: {st}"
+        );
+        // The kernel keeps the dead connection mounted until it is detached.
+        let e = std::fs::read_dir(&self.mnt).err();
+        assert_eq!(
+            e.and_then(|e| e.raw_os_error()),
+            Some(libc::ENOTCONN),
+            "a mount whose daemon died should answer ENOTCONN"
+        );
+        run("umount", &[OsStr::new("-l"), self.mnt.as_os_str()]).assert_ok();
+        assert!(!is_mounted(&self.mnt));
+    }
+
+    /// `keyfs list --store STORE --versions --json` (the store must not be
+    /// served: unmount first), parsed.
+    #[track_caller]
+    pub fn list_versions(&self) -> serde_json::Value {
+        let o = self.keyfs_mk(&["list", "--store", self.store_str(), "--versions", "--json"]);
+        o.assert_ok();
+        serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("list --json is not JSON ({e}):\n{}", o.text()))
+    }
+
+    /// `keyfs check --store STORE` (unmounted).
+    pub fn check(&self) -> Out {
+        self.keyfs_mk(&["check", "--store", self.store_str()])
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let panicking = std::thread::panicking();
+        let mounted = self.child.is_some() || is_mounted(&self.mnt);
+        self.unmount();
+        if is_mounted(&self.mnt) {
+            eprintln!(
+                "warning: {} is still mounted after cleanup",
+                self.mnt.display()
+            );
+        }
+        if panicking && mounted {
+            eprintln!(
+                "--- keyfs daemon log ({}) ---\n{}\n--- end of daemon log ---",
+                self.log.display(),
+                self.daemon_log()
+            );
+        }
+    }
 }

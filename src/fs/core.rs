@@ -631,22 +631,25 @@ impl Core {
                 Some(r)
             }
         };
+        {
+            let mut st = self.state();
+            if let Some(h) = st.handles.get_mut(&fh) {
+                h.dirty = false;
+                h.written = false;
+                h.post = SetAttr::default();
+                if let Some(r) = committed {
+                    h.target = Target::Ino(r);
+                }
+            }
+        }
         if let Some(r) = committed {
             if post.perm.is_some() || post.atime.is_some() || post.mtime.is_some() {
                 // Attributes set on the open file before its content existed
-                // in the store; the content is committed, so a failure here
-                // is reported but changes nothing else.
+                // in the store. The content is committed (and the handle
+                // clean, so nothing is committed twice); a failure here is
+                // reported but changes nothing else.
                 self.inv.setattr(r, post, &ctx)?;
                 self.invalidate(vec![Inval::Inode(raw), Inval::Inode(r.raw())]);
-            }
-        }
-        let mut st = self.state();
-        if let Some(h) = st.handles.get_mut(&fh) {
-            h.dirty = false;
-            h.written = false;
-            h.post = SetAttr::default();
-            if let Some(r) = committed {
-                h.target = Target::Ino(r);
             }
         }
         Ok(())
@@ -829,11 +832,19 @@ impl Core {
                     uid: a.map_or(ctx.uid, |a| a.1),
                     gid: a.map_or(ctx.gid, |a| a.2),
                 };
-                if let Err(e) = self.inv.mkdir(Ino::Node(gp), &dir_name, attrs, false, &ctx) {
-                    log::warn!(
+                match self.inv.mkdir(Ino::Node(gp), &dir_name, attrs, false, &ctx) {
+                    // The key was gone entirely, so the directory is a new
+                    // entry: the kernel still knows the old inode number
+                    // (until the asynchronous invalidation lands), so point
+                    // it at the new directory.
+                    Ok(new) if new != p => {
+                        self.state().forward.insert(parent, new);
+                    }
+                    Ok(_) => {}
+                    Err(e) => log::warn!(
                         "keeping the emptied history directory {}: {e}",
                         String::from_utf8_lossy(&dir_name)
-                    );
+                    ),
                 }
             }
             inval.push(Inval::Entry(Ino::Node(gp).raw(), dir_name));

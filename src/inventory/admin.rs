@@ -212,7 +212,13 @@ impl Inventory {
         }
         // Keys destroyed entirely: only their tombstones remain.
         for (_, ts) in tombs {
-            let path = ts[0].path.clone();
+            // A tombstone keeps where the version died: `<key>.old/<ts>` names key `<key>`.
+            let path = match ts[0].path.rsplit_once('/') {
+                Some((dir, last)) if parse_ts(last.as_bytes()).is_some() => {
+                    dir.strip_suffix(".old").unwrap_or(dir).to_string()
+                }
+                _ => ts[0].path.clone(),
+            };
             if base.is_empty() || path.starts_with(&format!("{base}/")) || path == base {
                 out.push(KeyInfo {
                     client: client_of(&path),

@@ -590,7 +590,8 @@ impl Inventory {
             return Ok(());
         }
         let ctx = Ctx::this_process();
-        self.commit(&mut Txn::default(), &[], &ctx, now_ns(), false)
+        // Durable: a crash loses at most the reads of the last batch interval.
+        self.commit(&mut Txn::default(), &[], &ctx, now_ns(), true)
     }
 
     fn audit_read(&self, rec: Rec, ctx: &Ctx) -> Result<()> {
@@ -1800,11 +1801,9 @@ impl Inventory {
             id,
             parent: pid,
             name: name.to_vec(),
-            perm: if pid == node::CLIENTS {
-                attrs.perm & 0o700
-            } else {
-                attrs.perm & 0o7777
-            },
+            // Like keys, directories are created at most owner-only (SPEC §1: 0700);
+            // chmod widens them deliberately.
+            perm: attrs.perm & 0o700,
             uid: attrs.uid,
             gid: attrs.gid,
             atime: w.now,

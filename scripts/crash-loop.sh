@@ -78,8 +78,11 @@ for it in $(seq 1 "$ITER"); do
   kill -9 "$DAEMON"
   wait "$DAEMON" 2>/dev/null || true
   DAEMON=""
+  # A request the daemon never answered keeps its caller in uninterruptible
+  # sleep until the kernel connection is aborted: `keyfs umount` does that for
+  # a stale mount, then detaches it.
+  "$KEYFS" umount "$MNT" 2>/dev/null || umount -l "$MNT" 2>/dev/null || true
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  umount -l "$MNT" 2>/dev/null || true
   sync "$WORK/acked"
   if ! "$KEYFS" check --store "$WORK/store" >"$WORK/check.out" 2>&1; then
     echo "iteration $it: keyfs check FAILED" >&2

@@ -774,13 +774,17 @@ fn mkdir_of_a_client_generates_the_default_set() {
 }
 
 #[test]
-fn mkdir_of_a_subdirectory_is_at_most_0700() {
+fn mkdir_modes_clients_at_most_0700_subdirectories_as_requested() {
     let m = Mounted::with_client("alice01");
-    run("mkdir", &[m.p(&format!("{C}/tls"))]).assert_ok();
-    assert_eq!(stat_c(&m, "%a", &format!("{C}/tls")), "700");
-    // An explicit chmod may still widen it, as for keys.
-    run("chmod", &["750", &m.p(&format!("{C}/tls"))]).assert_ok();
+    // A client directory is at most 0700 whatever mkdir(2) asks for (the
+    // umask gives 0755 here; `mkdir -m` would chmod afterwards, which widens).
+    sh(&format!("umask 022; mkdir '{}'", m.p("clients/bob00002"))).assert_ok();
+    assert_eq!(stat_c(&m, "%a", "clients/bob00002"), "700");
+    // A grouping subdirectory takes the requested mode, like on any filesystem.
+    run("mkdir", &["-m", "750", &m.p(&format!("{C}/tls"))]).assert_ok();
     assert_eq!(stat_c(&m, "%a", &format!("{C}/tls")), "750");
+    run("chmod", &["700", &m.p(&format!("{C}/tls"))]).assert_ok();
+    assert_eq!(stat_c(&m, "%a", &format!("{C}/tls")), "700");
 }
 
 #[test]

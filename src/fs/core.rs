@@ -90,6 +90,14 @@ struct Handle {
     /// again after the commit, which would otherwise cap the mode at 0600 and
     /// set mtime to the commit time.
     post: SetAttr,
+    /// The empty version this handle committed at an early close (a shell
+    /// redirection closes a dup of the descriptor before it writes): the next
+    /// commit through this handle replaces it instead of archiving it.
+    amend: Option<(u64, u32)>,
+    /// The name was unlinked while open: reads and writes go on, nothing is committed.
+    discarded: bool,
+    /// Attributes when opened, served by fstat after the file is unlinked.
+    snapshot: Option<Attr>,
     ctx: Ctx,
 }
 
@@ -257,13 +265,14 @@ impl Core {
                 for h in st.handles.values() {
                     if h.ino == raw {
                         if let Target::New { attrs, .. } = &h.target {
+                            let nlink = if h.discarded { 0 } else { 1 };
                             let now = now_ns();
                             let a = Attr {
                                 ino,
                                 ftype: FType::File,
                                 size: h.data.len() as u64,
                                 perm: attrs.perm,
-                                nlink: 1,
+                                nlink,
                                 uid: attrs.uid,
                                 gid: attrs.gid,
                                 atime: now,
@@ -277,7 +286,23 @@ impl Core {
                 return err(Kind::NotFound, "this file is gone (it was never committed)");
             }
         }
-        let mut a = self.inv.attr(ino)?;
+        let mut a = match self.inv.attr(ino) {
+            Ok(a) => a,
+            Err(e) if e.kind() == Kind::NotFound => {
+                // Unlinked while open: fstat on the descriptor still answers.
+                let st = self.state();
+                let h = st
+                    .handles
+                    .values()
+                    .find(|h| h.ino == raw && h.snapshot.is_some())
+                    .ok_or(e)?;
+                let mut a = h.snapshot.clone().expect("checked");
+                a.nlink = 0;
+                a.size = h.data.len() as u64;
+                return Ok((a, raw));
+            }
+            Err(e) => return Err(e),
+        };
         let st = self.state();
         if let Some(h) = st
             .handles
@@ -291,7 +316,20 @@ impl Core {
 
     /// Look `name` up in `parent`.
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<(Attr, u64)> {
+        if name.len() > 255 {
+            return err(Kind::NameTooLong, "a name is at most 255 bytes");
+        }
         let p = self.resolve(parent)?;
+        {
+            // A file being created is visible (empty) to lookups from creation on.
+            let st = self.state();
+            let pending = st.handles.values().find(|h| !h.discarded && matches!(&h.target, Target::New { parent: pp, name: n, .. } if *pp == p && n == name));
+            if let Some(h) = pending {
+                let raw = h.ino;
+                drop(st);
+                return self.getattr(raw);
+            }
+        }
         if let Ino::Old(kid) = p {
             let st = self.state();
             if let Some((raw, s)) = st
@@ -423,6 +461,9 @@ impl Core {
                 dirty: true,
                 written: false,
                 failed: false,
+                amend: None,
+                discarded: false,
+                snapshot: None,
                 post: SetAttr::default(),
                 ctx,
             },
@@ -475,6 +516,7 @@ impl Core {
                 (Target::Ino(ino), data)
             }
         };
+        let snapshot = self.inv.attr(ino).ok().map(|a| with_ino(a, raw).0);
         let mut st = self.state();
         let fh = st.alloc();
         st.handles.insert(
@@ -487,6 +529,9 @@ impl Core {
                 dirty: trunc,
                 written: false,
                 failed: false,
+                amend: None,
+                discarded: false,
+                snapshot,
                 post: SetAttr::default(),
                 ctx,
             },
@@ -526,6 +571,14 @@ impl Core {
         let end = offset as usize + data.len();
         if end > MAX_SECRET {
             h.failed = true;
+            // Undo the empty version this open file committed at an early close.
+            if let (Some((id, ver)), false) = (h.amend.take(), h.discarded) {
+                let ctx = h.ctx.clone();
+                drop(st);
+                if let Err(e) = self.inv.undo_empty_current(id, ver, &ctx) {
+                    log::warn!("undoing an empty commit after a refused write: {e}");
+                }
+            }
             return err(
                 Kind::TooBig,
                 format!("a key or secret is at most 64 KiB; this write would make it {end} bytes; nothing will be committed from this open file"),
@@ -537,8 +590,10 @@ impl Core {
         Ok(data.len() as u32)
     }
 
-    /// `close` (flush): commit what was written. A handle that was only
-    /// created or truncated is validated now and committed at release.
+    /// `close` (flush): commit. A handle that was only created or truncated
+    /// (no write yet) is committed too, so `close` returns with the file in
+    /// the store and its times final; if its (empty) content is invalid for
+    /// its kind the error is returned and the commit waits for a write.
     pub fn flush(&self, fh: u64) -> Result<()> {
         let pending = {
             let st = self.state();
@@ -550,16 +605,14 @@ impl Core {
                 _ => None,
             }
         };
-        match pending {
-            Some((data, Some(name))) => kinds::validate(
+        if let Some((data, Some(name))) = pending {
+            kinds::validate(
                 kinds::KeyKind::for_name(&name),
                 data.expose(),
                 &String::from_utf8_lossy(&name),
-            )
-            .map(|_| ()),
-            Some((_, None)) => Ok(()),
-            None => self.commit(fh),
+            )?;
         }
+        self.commit(fh)
     }
 
     fn name_of(&self, t: &Target) -> Option<Vec<u8>> {
@@ -579,7 +632,7 @@ impl Core {
 
     /// Commit a handle's buffer if it changed (fsync, release).
     pub fn commit(&self, fh: u64) -> Result<()> {
-        let (target, data, ctx, raw, post) = {
+        let (target, data, ctx, raw, post, amend, written) = {
             let st = self.state();
             let Some(h) = st.handles.get(&fh) else {
                 return Ok(());
@@ -587,7 +640,7 @@ impl Core {
             if h.failed {
                 return Self::failed_err();
             }
-            if !h.dirty {
+            if !h.dirty || h.discarded {
                 return Ok(());
             }
             let t = match &h.target {
@@ -603,8 +656,17 @@ impl Core {
                 },
                 Target::Staged(r) => Target::Staged(*r),
             };
-            (t, h.data.clone(), h.ctx.clone(), h.ino, h.post)
+            (
+                t,
+                h.data.clone(),
+                h.ctx.clone(),
+                h.ino,
+                h.post,
+                h.amend,
+                h.written,
+            )
         };
+        let was_empty = data.is_empty();
         let committed = match target {
             Target::Staged(r) => {
                 let mut st = self.state();
@@ -615,7 +677,17 @@ impl Core {
                 None
             }
             Target::Ino(ino) => {
-                let r = self.inv.write_existing(ino, &data, &ctx)?;
+                let replaced = match (ino, amend) {
+                    (Ino::Node(id), Some((aid, ver))) if aid == id => {
+                        self.inv.replace_empty_current(id, ver, &data, &ctx)?
+                    }
+                    _ => false,
+                };
+                let r = if replaced {
+                    ino
+                } else {
+                    self.inv.write_existing(ino, &data, &ctx)?
+                };
                 let (parent, name) = self.inv.parent_and_name(ino);
                 self.invalidate(self.inval_name(parent, &name, &[raw, ino.raw()]));
                 Some(r)
@@ -633,10 +705,18 @@ impl Core {
         };
         {
             let mut st = self.state();
+            let empty_commit = !written && was_empty;
+            let current = match committed {
+                Some(Ino::Node(id)) if empty_commit => {
+                    self.inv.current_version(id).map(|v| (id, v))
+                }
+                _ => None,
+            };
             if let Some(h) = st.handles.get_mut(&fh) {
                 h.dirty = false;
                 h.written = false;
                 h.post = SetAttr::default();
+                h.amend = current;
                 if let Some(r) = committed {
                     h.target = Target::Ino(r);
                 }
@@ -804,51 +884,30 @@ impl Core {
                 return Ok(());
             }
         }
-        let target = self.inv.lookup(p, name).ok();
-        // Where this history directory hangs, looked up before the unlink
-        // (which may drop the key entirely).
-        let history_dir = match p {
-            Ino::Old(kid) => {
-                let (gp, dir_name) = self.inv.parent_and_name(Ino::Old(kid));
-                let a = self.inv.attr(p).ok().map(|a| (a.perm, a.uid, a.gid));
-                Some((gp, dir_name, a))
+        {
+            let mut st = self.state();
+            let mut found = false;
+            for h in st.handles.values_mut() {
+                if !h.discarded
+                    && matches!(&h.target, Target::New { parent: pp, name: n, .. } if *pp == p && n == name)
+                {
+                    h.discarded = true;
+                    found = true;
+                }
             }
-            _ => None,
-        };
+            if found {
+                return Ok(());
+            }
+        }
+        let target = self.inv.lookup(p, name).ok();
         self.inv.unlink(p, name, &ctx)?;
         let inos: Vec<u64> = target.iter().map(|i| i.raw()).collect();
         let mut inval = self.inval_name(parent, name, &inos);
-        if let Some((gp, dir_name, a)) = history_dir {
-            // The last archived version went through `<key>.old/`: like any
-            // directory, `<key>.old/` stays (empty) until it is rmdir'ed.
-            // Otherwise `rm -r` (which unlinks the entries, then rmdirs the
-            // directory) fails with ENOENT on every history directory.
-            if matches!(
-                self.inv.lookup(Ino::Node(gp), &dir_name),
-                Err(ref e) if e.kind() == Kind::NotFound
-            ) {
-                let attrs = NewAttrs {
-                    perm: a.map_or(0o700, |a| a.0),
-                    uid: a.map_or(ctx.uid, |a| a.1),
-                    gid: a.map_or(ctx.gid, |a| a.2),
-                };
-                match self.inv.mkdir(Ino::Node(gp), &dir_name, attrs, false, &ctx) {
-                    // The key was gone entirely, so the directory is a new
-                    // entry: the kernel still knows the old inode number
-                    // (until the asynchronous invalidation lands), so point
-                    // it at the new directory.
-                    Ok(new) if new != p => {
-                        self.state().forward.insert(parent, new);
-                    }
-                    Ok(_) => {}
-                    Err(e) => log::warn!(
-                        "keeping the emptied history directory {}: {e}",
-                        String::from_utf8_lossy(&dir_name)
-                    ),
-                }
-            }
-            inval.push(Inval::Entry(Ino::Node(gp).raw(), dir_name));
-            inval.push(Inval::Inode(Ino::Node(gp).raw()));
+        if let Ino::Old(kid) = p {
+            // The history directory itself changed (possibly now empty).
+            let (gp, dir_name) = self.inv.parent_and_name(Ino::Old(kid));
+            inval.push(Inval::Entry(gp, dir_name));
+            inval.push(Inval::Inode(gp));
         }
         self.invalidate(inval);
         Ok(())

@@ -155,6 +155,18 @@ pub fn umount(mnt: &Path) -> Result<()> {
             return Ok(());
         }
         let e = std::io::Error::last_os_error();
+        let stale = matches!(std::fs::metadata(mnt), Err(ref m) if m.raw_os_error() == Some(libc::ENOTCONN));
+        if stale {
+            // The daemon died. Requests it never answered (a rename waiting
+            // for its reply, say) keep processes in uninterruptible sleep until
+            // the kernel connection is aborted; then the mount can go.
+            abort_connection(mnt);
+            // SAFETY: as above.
+            if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+                log::warn!("{} was a stale mount (its daemon died); aborted its connection and detached it", mnt.display());
+                return Ok(());
+            }
+        }
         if e.raw_os_error() == Some(libc::EBUSY) {
             // SAFETY: as above.
             let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
@@ -191,5 +203,33 @@ pub fn umount(mnt: &Path) -> Result<()> {
             Kind::Usage,
             format!("cannot run fusermount3: {e}; install fuse3"),
         ),
+    }
+}
+
+/// Abort the FUSE connection behind `mnt` (fusectl's `abort`), mounting
+/// fusectl if needed. Best effort: used only for mounts whose daemon is gone.
+fn abort_connection(mnt: &Path) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let target = mnt.canonicalize().unwrap_or_else(|_| mnt.to_path_buf());
+    let conn = info.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        let mp = f.get(4)?;
+        if Path::new(mp) == target || Path::new(mp) == mnt {
+            f.get(2)?.split(':').nth(1).map(str::to_string)
+        } else {
+            None
+        }
+    });
+    let Some(conn) = conn else { return };
+    let ctl = Path::new("/sys/fs/fuse/connections");
+    if !ctl.join(&conn).exists() {
+        let _ = std::process::Command::new("mount")
+            .args(["-t", "fusectl", "none", "/sys/fs/fuse/connections"])
+            .status();
+    }
+    if let Err(e) = std::fs::write(ctl.join(&conn).join("abort"), b"1") {
+        log::warn!("could not abort FUSE connection {conn}: {e}");
     }
 }

@@ -1563,6 +1563,92 @@ impl Inventory {
         }
     }
 
+    /// Version number of a key's current version.
+    pub fn current_version(&self, id: u64) -> Option<u32> {
+        self.get_node(id)
+            .ok()
+            .flatten()
+            .and_then(|n| n.key().and_then(|k| k.current.as_ref().map(|v| v.ver)))
+    }
+
+    /// Replace the current version `ver` of key `id` if it is still current and
+    /// empty — the version an open file committed at an early close (a shell
+    /// redirection closes a duplicate descriptor before writing). Returns false
+    /// (changing nothing) when that is no longer the case.
+    pub fn replace_empty_current(
+        &self,
+        id: u64,
+        ver: u32,
+        data: &SecretBytes,
+        ctx: &Ctx,
+    ) -> Result<bool> {
+        self.check_rw()?;
+        let _l = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w = self.work(ctx);
+        let mut n = w.load(id)?;
+        let path = self.path_of(id);
+        let Some(kb) = n.key_mut() else {
+            return Ok(false);
+        };
+        match &kb.current {
+            Some(c) if c.ver == ver && c.size == 0 => {}
+            _ => return Ok(false),
+        }
+        let kind = kb.kind;
+        let public = kinds::validate(kind, data.expose(), &path)?;
+        let now = w.now;
+        let v = Ver {
+            ver,
+            kind,
+            created: now,
+            archived_at: 0,
+            size: data.len() as u32,
+            fingerprint: crypto::fingerprint(data.expose()),
+            public: public.unwrap_or_default(),
+        };
+        w.seal(id, &v, data.expose());
+        kb.current = Some(v);
+        n.mtime = now;
+        n.ctime = now;
+        w.save(&n);
+        w.audit(Rec::ok("import", path, id, ver));
+        w.commit(true)?;
+        Ok(true)
+    }
+
+    /// Undo [`replace_empty_current`](Self::replace_empty_current)'s
+    /// precondition: the empty current version `ver` that an open file
+    /// committed is removed again (the previous version, if any, becomes
+    /// current again; a key that had no other version disappears). Used when
+    /// that open file then fails, so a refused write leaves the key as it was.
+    pub fn undo_empty_current(&self, id: u64, ver: u32, ctx: &Ctx) -> Result<()> {
+        self.check_rw()?;
+        let _l = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w = self.work(ctx);
+        let mut n = w.load(id)?;
+        let path = self.path_of(id);
+        let Some(kb) = n.key_mut() else { return Ok(()) };
+        let cur = match &kb.current {
+            Some(c) if c.ver == ver && c.size == 0 => c.clone(),
+            _ => return Ok(()),
+        };
+        kb.current = None;
+        if let Some(prev) = kb.archived.pop() {
+            let mut prev = prev;
+            prev.archived_at = 0;
+            w.audit(Rec::ok("rollback", path.clone(), id, prev.ver));
+            kb.current = Some(prev);
+        }
+        let empty = kb.is_empty();
+        w.destroy_version(&n, &cur, &path);
+        if empty {
+            w.drop_node(&n)?;
+        } else {
+            w.save(&n);
+        }
+        w.commit(true)
+    }
+
     /// Rotate a key to fresh material of its kind (CLI `rotate` without `--from`).
     pub fn rotate_fresh(&self, id: u64, ctx: &Ctx) -> Result<u32> {
         self.check_rw()?;
@@ -1801,9 +1887,13 @@ impl Inventory {
             id,
             parent: pid,
             name: name.to_vec(),
-            // Like keys, directories are created at most owner-only (SPEC §1: 0700);
-            // chmod widens them deliberately.
-            perm: attrs.perm & 0o700,
+            // Client directories are created at most 0700 (SPEC §1); other
+            // directories take the requested mode, as on any filesystem.
+            perm: if pid == node::CLIENTS {
+                attrs.perm & 0o700
+            } else {
+                attrs.perm & 0o7777
+            },
             uid: attrs.uid,
             gid: attrs.gid,
             atime: w.now,
@@ -2063,14 +2153,12 @@ impl Inventory {
                         Error::new(Kind::NotFound, format!("{path} no longer exists"))
                     })?;
                 let v = kb.archived.remove(pos);
-                let empty = kb.is_empty();
+                // Like any directory, `<key>.old/` stays (empty) until rmdir,
+                // so `rm -r` (unlink entries, then rmdir) works.
+                kb.pinned = true;
                 w.destroy_version(&n, &v, &path);
-                if empty {
-                    w.drop_node(&n)?;
-                } else {
-                    n.ctime = w.now;
-                    w.save(&n);
-                }
+                n.ctime = w.now;
+                w.save(&n);
                 w.commit(true)
             }
             Ino::Pub(id) => {

@@ -292,15 +292,7 @@ fn parse_duration_zero(s: &str) -> Result<()> {
 
 /// Resolve `V` (archive timestamp or version number) for key `id`.
 fn version_of(inv: &Inventory, key: &str, v: &str) -> Result<(u64, u32)> {
-    let id = match inv.resolve(key)? {
-        Ino::Node(id) => id,
-        other => {
-            return err(
-                Kind::Invalid,
-                format!("{} is not a key", inv.ino_path(other)),
-            )
-        }
-    };
+    let id = key_id(inv, key)?;
     if let Some(ts) = parse_ts(v.as_bytes()) {
         let old = inv
             .lookup(
@@ -318,9 +310,48 @@ fn version_of(inv: &Inventory, key: &str, v: &str) -> Result<(u64, u32)> {
         }
     }
     match v.parse::<u32>() {
-        Ok(n) => Ok((id, n)),
+        Ok(n) => {
+            let known = inv
+                .get_node(id)?
+                .is_some_and(|nd| nd.key().is_some_and(|k| k.version(n).is_some()));
+            if known {
+                Ok((id, n))
+            } else {
+                err(
+                    Kind::NotFound,
+                    format!("{key} has no version {v}; see `keyfs list --versions`"),
+                )
+            }
+        }
         Err(_) => err(Kind::Usage, format!("--version {v:?}: give an archive timestamp as `keyfs list --versions` shows it (e.g. 2026-11-28T21:40:05.123456789Z) or a version number")),
     }
+}
+
+/// The entry id of the key at `key`, also when only its history is left
+/// (its current version destroyed).
+fn key_id(inv: &Inventory, key: &str) -> Result<u64> {
+    let key = key.trim_end_matches('/');
+    match inv.resolve(key) {
+        Ok(Ino::Node(id)) => Ok(id),
+        Ok(other) => err(
+            Kind::Invalid,
+            format!("{} is not a key", inv.ino_path(other)),
+        ),
+        Err(e) if e.kind() == Kind::NotFound => match inv.resolve(&format!("{key}.old")) {
+            Ok(Ino::Old(id)) => Ok(id),
+            _ => Err(e),
+        },
+        Err(e) => Err(e),
+    }
+}
+
+/// Is version `n` the current version of entry `id`?
+fn is_current(inv: &Inventory, id: u64, n: u32) -> Result<bool> {
+    Ok(inv.get_node(id)?.is_some_and(|nd| {
+        nd.key()
+            .and_then(|k| k.current.as_ref())
+            .is_some_and(|c| c.ver == n)
+    }))
 }
 
 fn read_input(from: &str) -> Result<SecretBytes> {
@@ -550,7 +581,13 @@ pub fn run(cli: &Cli) -> Result<()> {
                 Some(f) => master::generate_key_file(f)?,
                 None => cli.source().load()?,
             };
-            Inventory::init(store, &mk)?;
+            if let Err(e) = Inventory::init(store, &mk) {
+                if let Some(f) = generate_master_key {
+                    // The key was made for this store only; do not leave it behind.
+                    let _ = std::fs::remove_file(f);
+                }
+                return Err(e);
+            }
             eprintln!("keyfs: created store {}", store.display());
             Ok(())
         }
@@ -720,7 +757,27 @@ pub fn run(cli: &Cli) -> Result<()> {
             versions,
         } => {
             let list = match store {
-                Some(s) => cli.open(s)?.list(root.as_deref().unwrap_or(""))?,
+                Some(s) => {
+                    let inv = cli.open(s)?;
+                    let r = root.as_deref().unwrap_or("").trim_matches('/');
+                    match inv.list(r) {
+                        // A key whose current version is destroyed: list it from its directory.
+                        Err(e) if e.kind() == Kind::NotFound && !r.is_empty() => {
+                            let dir = r.rsplit_once('/').map(|x| x.0).unwrap_or("");
+                            let hit: Vec<KeyInfo> = inv
+                                .list(dir)
+                                .map_err(|_| e.clone())?
+                                .into_iter()
+                                .filter(|k| k.path == r)
+                                .collect();
+                            if hit.is_empty() {
+                                return Err(e);
+                            }
+                            hit
+                        }
+                        other => other?,
+                    }
+                }
                 None => {
                     let r =
                         PathBuf::from(root.clone().ok_or_else(|| {
@@ -768,9 +825,13 @@ pub fn run(cli: &Cli) -> Result<()> {
                 match version {
                     Some(v) => {
                         let (id, n) = version_of(&inv, key, v)?;
-                        let (parent, name) = inv.parent_and_name(Ino::Ver(id, n));
-                        let _ = parent;
-                        inv.unlink(Ino::Old(id), &name, &ctx)
+                        if is_current(&inv, id, n)? {
+                            let (parent, name) = inv.resolve_parent(key)?;
+                            inv.unlink(parent, name.as_bytes(), &ctx)
+                        } else {
+                            let (_, name) = inv.parent_and_name(Ino::Ver(id, n));
+                            inv.unlink(Ino::Old(id), &name, &ctx)
+                        }
                     }
                     None => {
                         let (parent, name) = inv.resolve_parent(key)?;
@@ -801,7 +862,11 @@ pub fn run(cli: &Cli) -> Result<()> {
             let inv = cli.open(s)?;
             let (bundle, key) = inv.export(root.as_deref().unwrap_or(""), *private, &ctx)?;
             write_new_file(key_out, master::encode_base64(&key).as_bytes(), 0o600)?;
-            write_new_file(out, &bundle, 0o600)?;
+            if let Err(e) = write_new_file(out, &bundle, 0o600) {
+                // We created the key file just now; a key without its bundle is useless.
+                let _ = std::fs::remove_file(key_out);
+                return Err(e);
+            }
             eprintln!(
                 "keyfs: wrote {} and its key {} — store them apart",
                 out.display(),

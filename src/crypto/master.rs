@@ -52,7 +52,7 @@ pub fn decode_base64_key(text: &[u8], origin: &str) -> Result<MasterKey> {
 pub fn read_key_file(path: &Path) -> Result<MasterKey> {
     let meta = std::fs::metadata(path).map_err(|e| {
         mk_err(format!(
-            "cannot read master key file {}: {e}; check --master-key-file",
+            "cannot read master key file {}: {e}; check the path given to --master-key-file or --new-master-key-file",
             path.display()
         ))
     })?;

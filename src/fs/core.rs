@@ -98,6 +98,9 @@ struct Handle {
     discarded: bool,
     /// Attributes when opened, served by fstat after the file is unlinked.
     snapshot: Option<Attr>,
+    /// When uncommitted content last changed (write, truncate): stat shows it
+    /// as mtime/ctime until the commit makes it the stored time.
+    touched: Option<i64>,
     ctx: Ctx,
 }
 
@@ -266,7 +269,11 @@ impl Core {
                     if h.ino == raw {
                         if let Target::New { attrs, .. } = &h.target {
                             let nlink = if h.discarded { 0 } else { 1 };
-                            let now = now_ns();
+                            // Times of a file being created are those of its creation.
+                            let now = h
+                                .touched
+                                .or(h.snapshot.as_ref().map(|a| a.mtime))
+                                .unwrap_or_else(now_ns);
                             let a = Attr {
                                 ino,
                                 ftype: FType::File,
@@ -310,6 +317,10 @@ impl Core {
             .find(|h| h.dirty && matches!(h.target, Target::Ino(i) if i == ino))
         {
             a.size = h.data.len() as u64;
+            if let Some(t) = h.touched {
+                a.mtime = t;
+                a.ctime = t;
+            }
         }
         Ok(with_ino(a, raw))
     }
@@ -463,7 +474,8 @@ impl Core {
                 failed: false,
                 amend: None,
                 discarded: false,
-                snapshot: None,
+                touched: None,
+                snapshot: Some(a.clone()),
                 post: SetAttr::default(),
                 ctx,
             },
@@ -531,6 +543,7 @@ impl Core {
                 failed: false,
                 amend: None,
                 discarded: false,
+                touched: None,
                 snapshot,
                 post: SetAttr::default(),
                 ctx,
@@ -587,6 +600,7 @@ impl Core {
         h.data.write_at(offset as usize, data);
         h.dirty = true;
         h.written = true;
+        h.touched = Some(now_ns());
         Ok(data.len() as u32)
     }
 
@@ -715,6 +729,7 @@ impl Core {
             if let Some(h) = st.handles.get_mut(&fh) {
                 h.dirty = false;
                 h.written = false;
+                h.touched = None;
                 h.post = SetAttr::default();
                 h.amend = current;
                 if let Some(r) = committed {
@@ -768,10 +783,13 @@ impl Core {
             };
             if let Some(f) = handle {
                 let h = st.handles.get_mut(&f).expect("found");
+                // A truncate that changes nothing does not make a new version,
+                // but it does update the times shown until the next commit.
                 if h.data.len() != size as usize || size == 0 {
                     h.data.resize(size as usize);
                     h.dirty = true;
                 }
+                h.touched = Some(now_ns());
             } else if let Some(sf) = st.staged.get_mut(&raw) {
                 sf.data.resize(size as usize);
             } else {

@@ -165,6 +165,17 @@ impl Drop for Inventory {
     }
 }
 
+/// keyfs never makes a public key on its own: its private key would be lost.
+fn refuse_public(kind: KeyKind, path: &str) -> Result<()> {
+    if kind.is_public() {
+        return err(
+            Kind::Invalid,
+            format!("{path} is a public key and keyfs cannot make one without its private key: generate the key pair (`storage`) instead, or copy the host's public key into the mount (`cp host.pub MOUNT/clients/ID/storage.pub`)"),
+        );
+    }
+    Ok(())
+}
+
 fn store_err(msg: impl Into<String>) -> Error {
     Error::new(Kind::Store, msg)
 }
@@ -1657,6 +1668,7 @@ impl Inventory {
         let k = n
             .key()
             .ok_or_else(|| Error::new(Kind::IsDir, format!("{} is not a key", self.path_of(id))))?;
+        refuse_public(k.kind, &self.path_of(id))?;
         let fresh = kinds::generate(k.kind);
         self.rotate_locked(id, &fresh, ctx)
     }
@@ -1976,6 +1988,11 @@ impl Inventory {
                     Kind::Invalid,
                     format!("{name}: names ending in .old are reserved"),
                 );
+            }
+            if let Some(pn) = kinds::private_name(name.as_bytes()) {
+                if self.child(dir, pn)?.is_none() {
+                    refuse_public(KeyKind::EcPublic, &format!("{dir_path}/{name}"))?;
+                }
             }
             match self.child_node(dir, name.as_bytes())? {
                 Some(n) if n.key().is_some() => {

@@ -646,7 +646,7 @@ impl Core {
 
     /// Commit a handle's buffer if it changed (fsync, release).
     pub fn commit(&self, fh: u64) -> Result<()> {
-        let (target, data, ctx, raw, post, amend, written) = {
+        let (target, data, ctx, raw, post, amend, written, created) = {
             let st = self.state();
             let Some(h) = st.handles.get(&fh) else {
                 return Ok(());
@@ -678,6 +678,7 @@ impl Core {
                 h.post,
                 h.amend,
                 h.written,
+                h.touched.or(h.snapshot.as_ref().map(|a| a.mtime)),
             )
         };
         let was_empty = data.is_empty();
@@ -711,7 +712,9 @@ impl Core {
                 name,
                 attrs,
             } => {
-                let r = self.inv.write_new(parent, &name, &data, attrs, &ctx)?;
+                let r = self
+                    .inv
+                    .write_new_at(parent, &name, &data, attrs, created, &ctx)?;
                 self.state().forward.insert(raw, r);
                 self.invalidate(self.inval_name(parent.raw(), &name, &[raw]));
                 Some(r)

@@ -1447,6 +1447,21 @@ impl Inventory {
         attrs: NewAttrs,
         ctx: &Ctx,
     ) -> Result<Ino> {
+        self.write_new_at(parent, name, data, attrs, None, ctx)
+    }
+
+    /// [`write_new`](Self::write_new), giving a new key node the times of
+    /// `time` (when the file was created or last written through the mount)
+    /// instead of the commit time.
+    pub fn write_new_at(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        data: &SecretBytes,
+        attrs: NewAttrs,
+        time: Option<i64>,
+        ctx: &Ctx,
+    ) -> Result<Ino> {
         self.check_rw()?;
         let mut next = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         match parent {
@@ -1501,9 +1516,9 @@ impl Inventory {
                     perm: attrs.perm & cap,
                     uid: attrs.uid,
                     gid: attrs.gid,
-                    atime: w.now,
-                    mtime: w.now,
-                    ctime: w.now,
+                    atime: time.unwrap_or(w.now),
+                    mtime: time.unwrap_or(w.now),
+                    ctime: time.unwrap_or(w.now),
                     body: Body::Key(kb),
                 };
                 w.save(&n);

@@ -76,12 +76,13 @@ for it in $(seq 1 "$ITER"); do
   for w in $(seq 1 "$WORKERS"); do worker "$w" "$it" 2>/dev/null & pids+=($!); done
   sleep "0.$((RANDOM % 9 + 1))"
   kill -9 "$DAEMON"
+  # A request the daemon never answered keeps its caller (and possibly a
+  # daemon thread) in uninterruptible sleep until the kernel connection is
+  # aborted: `keyfs umount` does that for a stale mount, then detaches it.
+  sleep 0.1
+  "$KEYFS" umount "$MNT" 2>>"$WORK/daemon.log" || umount -l "$MNT" 2>/dev/null || true
   wait "$DAEMON" 2>/dev/null || true
   DAEMON=""
-  # A request the daemon never answered keeps its caller in uninterruptible
-  # sleep until the kernel connection is aborted: `keyfs umount` does that for
-  # a stale mount, then detaches it.
-  "$KEYFS" umount "$MNT" 2>/dev/null || umount -l "$MNT" 2>/dev/null || true
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   sync "$WORK/acked"
   if ! "$KEYFS" check --store "$WORK/store" >"$WORK/check.out" 2>&1; then

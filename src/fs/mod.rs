@@ -155,7 +155,7 @@ pub fn umount(mnt: &Path) -> Result<()> {
             return Ok(());
         }
         let e = std::io::Error::last_os_error();
-        let stale = matches!(std::fs::metadata(mnt), Err(ref m) if m.raw_os_error() == Some(libc::ENOTCONN));
+        let stale = is_stale(mnt);
         if stale {
             // The daemon died. Requests it never answered (a rename waiting
             // for its reply, say) keep processes in uninterruptible sleep until
@@ -203,6 +203,26 @@ pub fn umount(mnt: &Path) -> Result<()> {
             Kind::Usage,
             format!("cannot run fusermount3: {e}; install fuse3"),
         ),
+    }
+}
+
+/// Is the daemon behind `mnt` gone? Either the kernel says so (ENOTCONN), or
+/// a `stat` of the mountpoint gets no answer within 2 s (a killed daemon whose
+/// last thread is stuck keeps the connection open but never answers).
+fn is_stale(mnt: &Path) -> bool {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = mnt.to_path_buf();
+    std::thread::spawn(move || {
+        let _ = tx.send(
+            std::fs::metadata(&p)
+                .map(|_| ())
+                .map_err(|e| e.raw_os_error()),
+        );
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(2)) {
+        Ok(Err(Some(libc::ENOTCONN))) => true,
+        Ok(_) => false,
+        Err(_) => true,
     }
 }
 

@@ -78,7 +78,7 @@ pub enum Cmd {
         /// Kernel page cache and long TTLs, with explicit invalidation on change.
         #[arg(long)]
         cache: bool,
-        /// Show sealed records instead of plaintext (not implemented yet).
+        /// Show each key version as its sealed record (ciphertext bound to its path) instead of plaintext.
         #[arg(long)]
         sealed: bool,
         /// File layout.
@@ -601,9 +601,6 @@ pub fn run(cli: &Cli) -> Result<()> {
             layout,
             destroy_delay,
         } => {
-            if *sealed {
-                return err(Kind::Usage, "--sealed is not available in this version; mount the plaintext view and use `keyfs export` for ciphertext backups");
-            }
             if *layout != Layout::Tree {
                 return err(Kind::Usage, "--layout=acra-v1 is not available in this version; use the default tree layout");
             }
@@ -617,6 +614,7 @@ pub fn run(cli: &Cli) -> Result<()> {
                     read_only: *read_only,
                     mkdir_generates: *mkdir_generates == MkdirGenerates::Default,
                     cache: *cache,
+                    sealed: *sealed,
                 },
             )
         }

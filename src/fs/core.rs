@@ -23,6 +23,8 @@ pub struct MountOptions {
     pub mkdir_generates: bool,
     /// Kernel page cache and long TTLs (with explicit invalidation).
     pub cache: bool,
+    /// Files hold sealed records instead of plaintext (SPEC §5 sealed view).
+    pub sealed: bool,
 }
 
 impl Default for MountOptions {
@@ -31,6 +33,7 @@ impl Default for MountOptions {
             read_only: false,
             mkdir_generates: true,
             cache: false,
+            sealed: false,
         }
     }
 }
@@ -105,7 +108,8 @@ struct Handle {
 }
 
 struct Staged {
-    key: u64,
+    /// Directory it was created in (`<key>.old/`, or any directory in the sealed view).
+    dir: Ino,
     name: Vec<u8>,
     data: SecretBytes,
     perm: u16,
@@ -310,6 +314,10 @@ impl Core {
             }
             Err(e) => return Err(e),
         };
+        if self.opts.sealed && a.ftype == FType::File && matches!(ino, Ino::Node(_) | Ino::Ver(..))
+        {
+            a.size = self.inv.sealed_size(ino)?;
+        }
         let st = self.state();
         if let Some(h) = st
             .handles
@@ -341,28 +349,33 @@ impl Core {
                 return self.getattr(raw);
             }
         }
-        if let Ino::Old(kid) = p {
+        {
             let st = self.state();
-            if let Some((raw, s)) = st
-                .staged
-                .iter()
-                .find(|(_, s)| s.key == kid && s.name == name)
-            {
+            if let Some((raw, s)) = st.staged.iter().find(|(_, s)| s.dir == p && s.name == name) {
                 return Ok((Self::staged_attr(s, *raw), *raw));
             }
         }
         let ino = self.inv.lookup(p, name)?;
-        let a = self.inv.attr(ino)?;
-        Ok((a, ino.raw()))
+        if self.opts.sealed && matches!(ino, Ino::Pub(_)) {
+            // Derived public keys are not stored: the sealed view has nothing to show.
+            return err(
+                Kind::NotFound,
+                "derived public keys are not part of the sealed view",
+            );
+        }
+        self.getattr(ino.raw())
     }
 
     /// Directory listing (without `.` and `..`).
     pub fn readdir(&self, raw: u64) -> Result<Vec<DirEntry>> {
         let ino = self.resolve(raw)?;
         let mut out = self.inv.readdir(ino)?;
-        if let Ino::Old(kid) = ino {
+        if self.opts.sealed {
+            out.retain(|e| !matches!(e.ino, Ino::Pub(_)));
+        }
+        {
             let st = self.state();
-            for (r, s) in st.staged.iter().filter(|(_, s)| s.key == kid) {
+            for (r, s) in st.staged.iter().filter(|(_, s)| s.dir == ino) {
                 out.push(DirEntry {
                     name: s.name.clone(),
                     ino: Ino::from_raw(*r).expect("staged"),
@@ -424,7 +437,7 @@ impl Core {
                 st.staged.insert(
                     raw,
                     Staged {
-                        key: kid,
+                        dir: Ino::Old(kid),
                         name: name.to_vec(),
                         data: SecretBytes::default(),
                         perm: perm & 0o600,
@@ -522,6 +535,8 @@ impl Core {
             _ => {
                 let data = if trunc {
                     SecretBytes::default()
+                } else if self.opts.sealed && matches!(ino, Ino::Node(_) | Ino::Ver(..)) {
+                    SecretBytes::new(self.inv.export_sealed(ino, &ctx)?)
                 } else {
                     self.inv.read(ino, &ctx)?
                 };
@@ -619,6 +634,9 @@ impl Core {
                 _ => None,
             }
         };
+        if self.opts.sealed && pending.is_some() {
+            return Ok(()); // sealed files are checked whole when they are committed
+        }
         if let Some((data, Some(name))) = pending {
             kinds::validate(
                 kinds::KeyKind::for_name(&name),
@@ -700,6 +718,19 @@ impl Core {
                 };
                 let r = if replaced {
                     ino
+                } else if self.opts.sealed {
+                    let (parent, name) = self.inv.parent_and_name(ino);
+                    self.inv.import_sealed(
+                        Ino::Node(parent),
+                        &name,
+                        data.expose(),
+                        NewAttrs {
+                            perm: 0o600,
+                            uid: ctx.uid,
+                            gid: ctx.gid,
+                        },
+                        &ctx,
+                    )?
                 } else {
                     self.inv.write_existing(ino, &data, &ctx)?
                 };
@@ -712,9 +743,46 @@ impl Core {
                 name,
                 attrs,
             } => {
-                let r = self
-                    .inv
-                    .write_new_at(parent, &name, &data, attrs, created, &ctx)?;
+                let r = if self.opts.sealed {
+                    match self
+                        .inv
+                        .import_sealed(parent, &name, data.expose(), attrs, &ctx)
+                    {
+                        // A backup tool's temp name (".name.XXXXXX"): keep the file
+                        // in memory until it is renamed to the path it belongs to.
+                        Err(e)
+                            if e.kind() == Kind::Invalid
+                                && name.starts_with(b".")
+                                && !data.is_empty() =>
+                        {
+                            let now = now_ns();
+                            let mut st = self.state();
+                            st.staged.insert(
+                                raw,
+                                Staged {
+                                    dir: parent,
+                                    name: name.clone(),
+                                    data,
+                                    perm: attrs.perm,
+                                    uid: attrs.uid,
+                                    gid: attrs.gid,
+                                    mtime: now,
+                                    ctime: now,
+                                },
+                            );
+                            if let Some(h) = st.handles.get_mut(&fh) {
+                                h.target = Target::Staged(raw);
+                                h.dirty = false;
+                                h.written = false;
+                            }
+                            return Ok(());
+                        }
+                        other => other?,
+                    }
+                } else {
+                    self.inv
+                        .write_new_at(parent, &name, &data, attrs, created, &ctx)?
+                };
                 self.state().forward.insert(raw, r);
                 self.invalidate(self.inval_name(parent.raw(), &name, &[raw]));
                 Some(r)
@@ -893,12 +961,12 @@ impl Core {
     pub fn unlink(&self, parent: u64, name: &[u8], ctx: Ctx) -> Result<()> {
         self.check_rw()?;
         let p = self.resolve(parent)?;
-        if let Ino::Old(kid) = p {
+        {
             let mut st = self.state();
             if let Some(raw) = st
                 .staged
                 .iter()
-                .find(|(_, s)| s.key == kid && s.name == name)
+                .find(|(_, s)| s.dir == p && s.name == name)
                 .map(|(r, _)| *r)
             {
                 st.staged.remove(&raw);
@@ -939,7 +1007,7 @@ impl Core {
         self.check_rw()?;
         let p = self.resolve(parent)?;
         if let Ok(Ino::Old(kid)) = self.inv.lookup(p, name) {
-            if self.state().staged.values().any(|s| s.key == kid) {
+            if self.state().staged.values().any(|s| s.dir == Ino::Old(kid)) {
                 return err(
                     Kind::NotEmpty,
                     "the history directory holds files being written",
@@ -990,23 +1058,27 @@ impl Core {
         validate_component(n2)?;
         let sp = self.resolve(p1)?;
         let dp = self.resolve(p2)?;
-        // A staged temp file in a history directory, renamed into place.
-        if let Ino::Old(kid) = sp {
+        // A staged temp file (history directory, or sealed view), renamed into place.
+        {
             let staged = {
                 let st = self.state();
                 st.staged
                     .iter()
-                    .find(|(_, s)| s.key == kid && s.name == n1)
+                    .find(|(_, s)| s.dir == sp && s.name == n1)
                     .map(|(r, _)| *r)
             };
             if let Some(raw) = staged {
-                if dp != sp {
+                if dp != sp && !self.opts.sealed {
                     return err(
                         Kind::Invalid,
                         "a file in a history directory can only be renamed within it",
                     );
                 }
-                if parse_ts(n2).is_none() {
+                let final_name = match dp {
+                    Ino::Old(_) => parse_ts(n2).is_some(),
+                    _ => !n2.starts_with(b"."),
+                };
+                if !final_name {
                     let mut st = self.state();
                     if let Some(s) = st.staged.get_mut(&raw) {
                         s.name = n2.to_vec();
@@ -1024,31 +1096,57 @@ impl Core {
                         return err(Kind::Exists, "archived version exists");
                     }
                     // Identical content over an existing archived version: accept (rsync re-run).
-                    if self.inv.read(existing, &ctx)?.expose() == data.expose() {
+                    let same = match existing {
+                        Ino::Ver(..) if self.opts.sealed => self
+                            .inv
+                            .export_sealed(existing, &ctx)
+                            .is_ok_and(|e| e == data.expose()),
+                        Ino::Ver(..) => self.inv.read(existing, &ctx)?.expose() == data.expose(),
+                        _ => false,
+                    };
+                    if same {
                         let mut st = self.state();
                         st.staged.remove(&raw);
                         st.forward.insert(raw, existing);
                         return Ok(());
                     }
-                    return err(
-                        Kind::Exists,
-                        format!(
-                            "{} exists; archived versions are immutable",
-                            self.inv.ino_path(existing)
-                        ),
-                    );
+                    if matches!(existing, Ino::Ver(..)) {
+                        return err(
+                            Kind::Exists,
+                            format!(
+                                "{} exists; archived versions are immutable",
+                                self.inv.ino_path(existing)
+                            ),
+                        );
+                    }
                 }
-                let ino = self.inv.write_new(
-                    dp,
-                    n2,
-                    &data,
-                    NewAttrs {
-                        perm: 0o400,
-                        uid: ctx.uid,
-                        gid: ctx.gid,
-                    },
-                    &ctx,
-                )?;
+                let (perm, uid, gid) = self
+                    .state()
+                    .staged
+                    .get(&raw)
+                    .map(|s| (s.perm, s.uid, s.gid))
+                    .unwrap_or((0o600, ctx.uid, ctx.gid));
+                let ino = if self.opts.sealed {
+                    self.inv.import_sealed(
+                        dp,
+                        n2,
+                        data.expose(),
+                        NewAttrs { perm, uid, gid },
+                        &ctx,
+                    )?
+                } else {
+                    self.inv.write_new(
+                        dp,
+                        n2,
+                        &data,
+                        NewAttrs {
+                            perm: 0o400,
+                            uid: ctx.uid,
+                            gid: ctx.gid,
+                        },
+                        &ctx,
+                    )?
+                };
                 let mut st = self.state();
                 st.staged.remove(&raw);
                 st.forward.insert(raw, ino);

@@ -141,7 +141,7 @@ impl From<sled::Error> for Error {
         match e {
             sled::Error::Corruption { .. } => Error::new(
                 Kind::Integrity,
-                format!("the store's database is corrupted ({e}); run `keyfs check` and restore from a backup"),
+                format!("the store's database is corrupted ({e}); restore the store directory from a backup copy (or a new store from an export bundle)"),
             ),
             other => Error::new(
                 Kind::Store,

@@ -637,9 +637,10 @@ fn problems(calls: &[Call], doc: &str) -> Vec<String> {
         }
         if !doc.contains(&frag) {
             out.push(format!(
-                "{}:{}: {} message not in {DOC}:\n      message:  {:?}\n      \
-                 document: {:?} (verbatim, placeholders written like <path>), with its cause and fix",
-                c.file, c.line, c.how, t, frag
+                "{}:{}: {} message not in {DOC}; document it (the message with placeholders \
+                 written like <path>, its cause and its fix) so that the page contains this \
+                 text verbatim:\n      message:  {t}\n      contains: {frag}",
+                c.file, c.line, c.how
             ));
         }
     }
@@ -813,7 +814,7 @@ fn an_undocumented_message_fails_with_its_location() {
     let p = problems(&calls, "some other text");
     let mine: Vec<_> = p.iter().filter(|l| l.starts_with("src/new.rs")).collect();
     assert_eq!(mine.len(), 1, "{p:?}");
-    assert!(mine[0].starts_with("src/new.rs:2: err message not in"));
+    assert!(mine[0].starts_with("src/new.rs:2: err message not in docs/TROUBLESHOOTING.md"));
     assert!(mine[0].contains("this brand-new refusal is not documented"));
     // Documented, it passes.
     let p = problems(

@@ -66,7 +66,7 @@ pub fn read_key_file(path: &Path) -> Result<MasterKey> {
     }
     let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| {
         mk_err(format!(
-            "cannot read master key file {}: {e}",
+            "cannot read master key file {}: {e}; it must be a regular file this user can read (mode 0600)",
             path.display()
         ))
     })?);

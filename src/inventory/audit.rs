@@ -100,7 +100,7 @@ impl Head {
             }),
             Some(_) => Err(Error::new(
                 Kind::Integrity,
-                "audit chain head is corrupted; run `keyfs check`",
+                "audit chain head is corrupted; the store cannot be used safely — restore the store directory from a backup copy",
             )),
         }
     }

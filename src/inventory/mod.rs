@@ -478,7 +478,7 @@ impl Inventory {
         let backend = SledBackend::open(&dir.join("db"))?;
         let fv = backend.get(META_FORMAT)?.ok_or_else(|| {
             store_err(format!(
-                "{} is not an initialized keyfs store; create one with `keyfs init`",
+                "{} has a db/ without keyfs metadata: not a keyfs store, or its database is damaged; restore it from a backup (do not run `keyfs init` over it)",
                 dir.display()
             ))
         })?;
@@ -579,7 +579,7 @@ impl Inventory {
                 }
                 Ok(())
             }
-            TxnOutcome::Conflict => err(Kind::Store, "the store changed while this operation ran (another writer); nothing was changed — retry"),
+            TxnOutcome::Conflict => err(Kind::Store, "the store changed while this operation ran (another writer); nothing was changed — retry; if this repeats, the audit chain head was altered: run `keyfs audit --store STORE --verify`"),
         }
     }
 

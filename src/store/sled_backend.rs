@@ -19,7 +19,7 @@ impl SledBackend {
             .flush_every_ms(Some(500))
             .open()
             .map_err(|e| match e {
-                sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => Error::new(
+                sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("could not acquire lock") => Error::new(
                     Kind::Busy,
                     format!("the store database {} is in use by another process; stop the other keyfs (or `keyfs umount` its mountpoint) and retry", path.display()),
                 ),

@@ -114,8 +114,14 @@ impl Inventory {
                     .try_into()
                     .map_err(|_| Error::new(Kind::Integrity, "corrupted directory entry"))?,
             );
-            let Some(n) = self.get_node(cid)? else {
-                continue;
+            let n = match self.get_node(cid) {
+                Ok(Some(n)) => n,
+                Ok(None) => continue,
+                Err(e) => {
+                    // One damaged record must not hide the rest of the tree.
+                    log::error!("{path}/{name}: {e}; run `keyfs check`");
+                    continue;
+                }
             };
             let p = if path.is_empty() {
                 name

@@ -523,6 +523,12 @@ impl Inventory {
                 )
             })?;
         let head = Head::load(&backend)?;
+        if head.seq == 0 && !backend.scan_prefix(b"a/")?.is_empty() {
+            return Err(Error::new(
+                Kind::Integrity,
+                format!("the audit log of {} has entries but its head record is missing (deleted); the store was tampered with — restore the store directory from a backup copy", dir.display()),
+            ));
+        }
         Ok(Inventory {
             backend: Box::new(backend),
             keys,
@@ -1237,6 +1243,15 @@ impl Inventory {
         }
         if pid == node::ROOT {
             return err(Kind::Perm, "the top level holds only clients/, poison/ and audit/; put keys under clients/<ClientID>/");
+        }
+        if is_dir && (pid == node::POISON || pid == node::AUDIT_DIR) {
+            return err(
+                Kind::Perm,
+                format!(
+                    "{}/ holds only its global keys, no directories",
+                    self.path_of(pid)
+                ),
+            );
         }
         if pid == node::CLIENTS {
             if !is_dir {

@@ -1594,7 +1594,14 @@ impl Inventory {
         self.check_rw()?;
         let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         match ino {
-            Ino::Node(id) => self.rotate_locked(id, data, ctx).map(|_| ino),
+            Ino::Node(id) => {
+                // A handle opened before the key was destroyed must not bring
+                // it back (with no history left the node is gone: NotFound too).
+                if self.node(id)?.key().is_some_and(|k| k.current.is_none()) {
+                    return err(Kind::NotFound, format!("{} no longer exists", self.path_of(id)));
+                }
+                self.rotate_locked(id, data, ctx).map(|_| ino)
+            }
             Ino::Pub(id) => {
                 let n = self.node(id)?;
                 self.write_derived_pub(n, data, ctx)
@@ -2289,20 +2296,22 @@ impl Inventory {
         let mut next = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let src = self.lookup(p1, n1)?;
         validate_component(n2)?;
-        let dst = match self.lookup(p2, n2) {
-            Ok(i) => Some(i),
+        let (dst, dst_visible) = match self.lookup(p2, n2) {
+            Ok(i) => (Some(i), true),
             // A key that has only history (its `.old/` was restored first) is
             // still the key this name belongs to: renaming onto it imports.
             Err(e) if e.kind() == Kind::NotFound => match p2 {
-                Ino::Node(pid2) => self.child(pid2, n2)?.map(Ino::Node),
-                _ => None,
+                Ino::Node(pid2) => (self.child(pid2, n2)?.map(Ino::Node), false),
+                _ => (None, false),
             },
             Err(e) => return Err(e),
         };
         if dst == Some(src) {
             return Ok(());
         }
-        if let (Some(d), true) = (dst, noreplace) {
+        // NOREPLACE protects what lookup shows: a name with only history is
+        // free (stat says ENOENT), and renaming onto it imports, like create.
+        if let (Some(d), true, true) = (dst, dst_visible, noreplace) {
             return err(Kind::Exists, format!("{} already exists", self.ino_path(d)));
         }
         let mut w = self.work(ctx);
@@ -2381,6 +2390,23 @@ impl Inventory {
                 let material = self.open_blob(&s, &cur)?;
                 let path = format!("{}.old/{}", self.path_of(kid), String::from_utf8_lossy(n2));
                 let ts = parse_ts(n2).ok_or_else(|| Error::new(Kind::Invalid, format!("{path}: archived versions are named by their archive time, e.g. 2026-11-28T21:40:05.123456789Z")))?;
+                if kid == sid {
+                    // `mv key key.old/<ts>`: the current version is archived
+                    // under that name; the key keeps its identity and history.
+                    drop(material);
+                    let mut k = w.load(kid)?;
+                    let kb = k.key_mut().expect("key");
+                    let mut v = kb.current.take().expect("checked above");
+                    v.archived_at = ts;
+                    let ver = v.ver;
+                    kb.push_archived(v);
+                    k.mtime = w.now;
+                    k.ctime = w.now;
+                    w.save(&k);
+                    w.touch_dir(k.parent, 0)?;
+                    w.audit(Rec::ok("archive", path, kid, ver));
+                    return w.commit(true);
+                }
                 let mut k = w.load(kid)?;
                 let kind = k
                     .key()
@@ -2535,17 +2561,28 @@ impl Inventory {
         let new_kind = KeyKind::for_name(n2);
         if let Some(kb) = s.key() {
             if kb.kind != new_kind {
-                if let Some(cur) = kb.current.clone() {
-                    let material = self.open_blob(&s, &cur)?;
-                    let dst_path =
-                        format!("{}/{}", self.path_of(pid2), String::from_utf8_lossy(n2));
-                    let public = kinds::validate(new_kind, material.expose(), &dst_path)?;
-                    let kbm = s.key_mut().expect("key");
-                    if let Some(c) = kbm.current.as_mut() {
-                        c.public = public.unwrap_or_default();
+                // Every version, not only the current one, must be valid for
+                // the new kind: a later rollback must not make invalid material
+                // current (nor a private key without its public half).
+                let dst_path = format!("{}/{}", self.path_of(pid2), String::from_utf8_lossy(n2));
+                let mut publics = Vec::new();
+                for v in kb.current.iter().chain(kb.archived.iter()) {
+                    let material = self.open_blob(&s, v)?;
+                    let what = if v.archived_at == 0 {
+                        dst_path.clone()
+                    } else {
+                        format!("{dst_path}.old/{}", format_ts(v.archived_at))
+                    };
+                    let public = kinds::validate(new_kind, material.expose(), &what)?;
+                    publics.push((v.ver, public.unwrap_or_default()));
+                }
+                let kbm = s.key_mut().expect("key");
+                for v in kbm.current.iter_mut().chain(kbm.archived.iter_mut()) {
+                    if let Some((_, p)) = publics.iter_mut().find(|(n, _)| *n == v.ver) {
+                        v.public = std::mem::take(p);
                     }
                 }
-                s.key_mut().expect("key").kind = new_kind;
+                kbm.kind = new_kind;
             }
         }
         let is_dir = s.is_dir();

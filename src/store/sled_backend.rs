@@ -13,20 +13,38 @@ pub struct SledBackend {
 impl SledBackend {
     /// Open (or create) the database at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let db = sled::Config::new()
-            .path(path)
-            .mode(sled::Mode::HighThroughput)
-            .flush_every_ms(Some(500))
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("could not acquire lock") => Error::new(
-                    Kind::Busy,
-                    format!("the store database {} is in use by another process; stop the other keyfs (or `keyfs umount` its mountpoint) and retry", path.display()),
-                ),
-                other => Error::from(other).context(format!("opening {}", path.display())),
-            })?;
-        Ok(SledBackend { db })
+        // sled releases its flock on `db/db` only when the background threads
+        // of a dropped `Db` finish (spacejam/sled#1234), so a reopen in the
+        // same process can find it held for a moment. Callers hold the store's
+        // own lock, so the holder is most likely such a lingering handle: wait
+        // up to 2 s before calling the store busy.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            let r = sled::Config::new()
+                .path(path)
+                .mode(sled::Mode::HighThroughput)
+                .flush_every_ms(Some(500))
+                .open();
+            match r {
+                Ok(db) => return Ok(SledBackend { db }),
+                Err(sled::Error::Io(ref io)) if is_lock_error(io) => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(Error::new(
+                            Kind::Busy,
+                            format!("the store database {} is in use by another process; stop the other keyfs (or `keyfs umount` its mountpoint) and retry", path.display()),
+                        ));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => return Err(Error::from(e).context(format!("opening {}", path.display()))),
+            }
+        }
     }
+}
+
+/// sled reports a held lock as `ErrorKind::Other` "could not acquire lock …".
+fn is_lock_error(io: &std::io::Error) -> bool {
+    io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("could not acquire lock")
 }
 
 impl Backend for SledBackend {

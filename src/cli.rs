@@ -924,7 +924,7 @@ pub fn run(cli: &Cli) -> Result<()> {
                 for p in &problems {
                     eprintln!("keyfs check: {p}");
                 }
-                err(Kind::Integrity, format!("{} problem(s) found; restore or destroy the named key versions; `audit log:` problems mean the store files were tampered with", problems.len()))
+                err(Kind::Integrity, format!("{} problem(s) found; restore the named key versions from a backup (`keyfs import`) or destroy them; `audit log:` problems mean the store files were tampered with", problems.len()))
             }
         }
         Cmd::Audit { store, verify } => {

@@ -601,9 +601,6 @@ pub fn run(cli: &Cli) -> Result<()> {
             layout,
             destroy_delay,
         } => {
-            if *layout != Layout::Tree {
-                return err(Kind::Usage, "--layout=acra-v1 is not available in this version; use the default tree layout");
-            }
             parse_duration_zero(destroy_delay)?;
             let mk = cli.source().load()?;
             crate::fs::mount(
@@ -615,6 +612,7 @@ pub fn run(cli: &Cli) -> Result<()> {
                     mkdir_generates: *mkdir_generates == MkdirGenerates::Default,
                     cache: *cache,
                     sealed: *sealed,
+                    acra: *layout == Layout::AcraV1,
                 },
             )
         }

@@ -1715,3 +1715,26 @@ fn the_mount_guard_unmounts_even_when_a_test_panics() {
     let alive = unsafe { libc::kill(pid as i32, 0) } == 0;
     assert!(!alive, "daemon {pid} still running");
 }
+
+/// Acra v1's writer (temp file, hard link into `<file>.old/<ts>`, rename over)
+/// against `--layout=acra-v1`: exactly one archived version per rotation.
+#[test]
+fn acra_v1_writer_sequence_leaves_one_archived_version() {
+    let tmp = crate::common::tempdir();
+    let out = std::process::Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/acra-v1-writer.sh"
+        ))
+        .env("KEYFS_BIN", env!("CARGO_BIN_EXE_keyfs"))
+        .env("TMPDIR", tmp.path())
+        .output()
+        .expect("run scripts/acra-v1-writer.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "acra-v1-writer.sh failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("acra-v1-writer: ok"), "{stdout}");
+}

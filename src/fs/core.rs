@@ -3,11 +3,12 @@
 //! kernel-cache invalidations each change needs. No `fuser` types here, so
 //! this is callable from tests without the kernel.
 
+use super::acra;
 use crate::error::{err, Error, Kind, Result};
 use crate::inventory::audit::Ctx;
 use crate::inventory::kinds::{self, MAX_SECRET};
 use crate::inventory::names::{format_ts, history_of, now_ns, parse_ts, validate_component};
-use crate::inventory::node::Ino;
+use crate::inventory::node::{self, Ino};
 use crate::inventory::{Attr, DirEntry, FType, Inventory, NewAttrs, SetAttr};
 use crate::secret::SecretBytes;
 use std::collections::HashMap;
@@ -25,6 +26,8 @@ pub struct MountOptions {
     pub cache: bool,
     /// Files hold sealed records instead of plaintext (SPEC §5 sealed view).
     pub sealed: bool,
+    /// Acra v1 file names at the top level (SPEC §5).
+    pub acra: bool,
 }
 
 impl Default for MountOptions {
@@ -34,6 +37,7 @@ impl Default for MountOptions {
             mkdir_generates: true,
             cache: false,
             sealed: false,
+            acra: false,
         }
     }
 }
@@ -125,6 +129,9 @@ struct State {
     handles: HashMap<u64, Handle>,
     staged: HashMap<u64, Staged>,
     forward: HashMap<u64, Ino>,
+    /// Acra layout: `<file>.old/<ts>` hard links made by Acra's writer,
+    /// (key id, name) → archive instant, until the rotation that follows.
+    links: HashMap<(u64, Vec<u8>), i64>,
 }
 
 impl State {
@@ -260,6 +267,110 @@ impl Core {
         }
     }
 
+    /// In the Acra layout, translate a top-level name to (directory, name) of
+    /// the tree; `ensure_client` creates `clients/<ClientID>/` when a key of a
+    /// new client is written. Everything else passes through unchanged.
+    fn map_top(
+        &self,
+        parent: u64,
+        name: &[u8],
+        ensure_client: bool,
+        ctx: Option<&Ctx>,
+    ) -> Result<(u64, Vec<u8>)> {
+        if !self.opts.acra || parent != node::ROOT || name == b".keyfs" {
+            return Ok((parent, name.to_vec()));
+        }
+        match acra::map(name) {
+            acra::Mapped::Dir(id) => {
+                let (_, n) = self.inv.parent_and_name(Ino::Node(id));
+                Ok((node::ROOT, n))
+            }
+            acra::Mapped::InDir(dir, n) => Ok((dir, n)),
+            acra::Mapped::Client(c, n) => {
+                let clients = Ino::Node(node::CLIENTS);
+                let dir = match self.inv.lookup(clients, c.as_str().as_bytes()) {
+                    Ok(Ino::Node(d)) => d,
+                    Err(e) if e.kind() == Kind::NotFound && ensure_client => {
+                        let ctx = ctx.cloned().unwrap_or_else(Ctx::this_process);
+                        match self.inv.mkdir(
+                            clients,
+                            c.as_str().as_bytes(),
+                            NewAttrs {
+                                perm: 0o700,
+                                uid: ctx.uid,
+                                gid: ctx.gid,
+                            },
+                            false,
+                            &ctx,
+                        )? {
+                            Ino::Node(d) => d,
+                            _ => {
+                                return err(Kind::Store, "client directory has an unexpected inode")
+                            }
+                        }
+                    }
+                    Err(e) => return Err(e),
+                    Ok(_) => {
+                        return err(
+                            Kind::NotDir,
+                            format!("clients/{} is not a directory", c.as_str()),
+                        )
+                    }
+                };
+                Ok((dir, n))
+            }
+            acra::Mapped::Unmapped => Ok((parent, name.to_vec())),
+        }
+    }
+
+    /// Acra layout: the top-level listing under Acra v1 names.
+    fn acra_root(&self) -> Result<Vec<DirEntry>> {
+        let mut out = vec![DirEntry {
+            name: b".poison_key".to_vec(),
+            ino: Ino::Node(node::POISON),
+            ftype: FType::Dir,
+        }];
+        for e in self.inv.readdir(Ino::Node(node::AUDIT_DIR))? {
+            if e.name.starts_with(b"secure_log_key") {
+                out.push(e);
+            }
+        }
+        for c in self.inv.readdir(Ino::Node(node::CLIENTS))? {
+            if c.ftype != FType::Dir {
+                continue;
+            }
+            for e in self.inv.readdir(c.ino)? {
+                if let Some(n) = acra::client_name(&c.name, &e.name) {
+                    out.push(DirEntry { name: n, ..e });
+                }
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// `link(2)`: only Acra v1's writer step — the current file linked into its
+    /// own `<file>.old/<ts>` — which names the archive entry of the rotation
+    /// that follows. Everything else is EPERM.
+    pub fn link(&self, raw: u64, newparent: u64, newname: &[u8]) -> Result<(Attr, u64)> {
+        self.check_rw()?;
+        let ino = self.resolve(raw)?;
+        let dir = self.resolve(newparent)?;
+        match (self.opts.acra, ino, dir) {
+            (true, Ino::Node(id), Ino::Old(kid)) if id == kid => {
+                let ts = acra::parse_archive_name(newname).ok_or_else(|| {
+                    Error::new(Kind::Invalid, format!("{}: archive names are timestamps (2006-01-02T15:04:05.999999999)", String::from_utf8_lossy(newname)))
+                })?;
+                self.inv.set_next_archive(id, ts)?;
+                self.state().links.insert((id, newname.to_vec()), ts);
+                let (mut a, r) = self.getattr(raw)?;
+                a.nlink = 2;
+                Ok((a, r))
+            }
+            _ => err(Kind::Perm, "hard links are not supported (only Acra v1's link of a key into its own history, with --layout=acra-v1)"),
+        }
+    }
+
     /// Attributes of `raw`, reflecting uncommitted writes of open handles.
     pub fn getattr(&self, raw: u64) -> Result<(Attr, u64)> {
         let ino = self.resolve(raw)?;
@@ -314,6 +425,9 @@ impl Core {
             }
             Err(e) => return Err(e),
         };
+        if self.opts.acra && ino == Ino::Node(node::ROOT) {
+            a.perm = 0o700; // Acra refuses a keystore directory that is not exactly 0700
+        }
         if self.opts.sealed && a.ftype == FType::File && matches!(ino, Ino::Node(_) | Ino::Ver(..))
         {
             a.size = self.inv.sealed_size(ino)?;
@@ -338,7 +452,28 @@ impl Core {
         if name.len() > 255 {
             return err(Kind::NameTooLong, "a name is at most 255 bytes");
         }
+        if self.opts.acra
+            && parent == node::ROOT
+            && self
+                .state()
+                .staged
+                .values()
+                .all(|s| !(s.dir == Ino::Node(node::ROOT) && s.name == name))
+        {
+            let (p, n) = self.map_top(parent, name, false, None)?;
+            if p != parent || n != name {
+                return self.lookup(p, &n);
+            }
+        }
         let p = self.resolve(parent)?;
+        if let Ino::Old(kid) = p {
+            // Acra's hard link of the current file, until the rotation that follows.
+            if self.state().links.contains_key(&(kid, name.to_vec())) {
+                let (mut a, r) = self.getattr(Ino::Node(kid).raw())?;
+                a.nlink = 2;
+                return Ok((a, r));
+            }
+        }
         {
             // A file being created is visible (empty) to lookups from creation on.
             let st = self.state();
@@ -369,7 +504,11 @@ impl Core {
     /// Directory listing (without `.` and `..`).
     pub fn readdir(&self, raw: u64) -> Result<Vec<DirEntry>> {
         let ino = self.resolve(raw)?;
-        let mut out = self.inv.readdir(ino)?;
+        let mut out = if self.opts.acra && ino == Ino::Node(node::ROOT) {
+            self.acra_root()?
+        } else {
+            self.inv.readdir(ino)?
+        };
         if self.opts.sealed {
             out.retain(|e| !matches!(e.ino, Ino::Pub(_)));
         }
@@ -403,6 +542,8 @@ impl Core {
     ) -> Result<(Attr, u64, Opened)> {
         self.check_rw()?;
         validate_component(name)?;
+        let (parent, name) = &self.map_top(parent, name, true, Some(&ctx))?;
+        let (parent, name) = (*parent, name.as_slice());
         let p = self.resolve(parent)?;
         if let Ok((_, raw)) = self.lookup(parent, name) {
             // A derived public key accepts its identical content even from an
@@ -431,7 +572,28 @@ impl Core {
             uid: ctx.uid,
             gid: ctx.gid,
         };
+        let acra_temp = self.opts.acra
+            && p == Ino::Node(node::ROOT)
+            && acra::map(name) == acra::Mapped::Unmapped
+            && name != b".keyfs";
         let target = match p {
+            Ino::Node(_) if acra_temp => {
+                // Acra's writer's temporary file: kept in memory until renamed to a key name.
+                st.staged.insert(
+                    raw,
+                    Staged {
+                        dir: p,
+                        name: name.to_vec(),
+                        data: SecretBytes::default(),
+                        perm: perm & 0o600,
+                        uid: ctx.uid,
+                        gid: ctx.gid,
+                        mtime: now,
+                        ctime: now,
+                    },
+                );
+                Target::Staged(raw)
+            }
             Ino::Old(kid) if parse_ts(name).is_none() => {
                 // A temp file of a backup tool inside a history directory.
                 st.staged.insert(
@@ -940,6 +1102,8 @@ impl Core {
     /// mkdir.
     pub fn mkdir(&self, parent: u64, name: &[u8], perm: u16, ctx: Ctx) -> Result<(Attr, u64)> {
         self.check_rw()?;
+        let (parent, name) = &self.map_top(parent, name, true, Some(&ctx))?;
+        let (parent, name) = (*parent, name.as_slice());
         let p = self.resolve(parent)?;
         let ino = self.inv.mkdir(
             p,
@@ -960,6 +1124,26 @@ impl Core {
     /// unlink.
     pub fn unlink(&self, parent: u64, name: &[u8], ctx: Ctx) -> Result<()> {
         self.check_rw()?;
+        let staged_here = self
+            .state()
+            .staged
+            .values()
+            .any(|s| s.dir == Ino::Node(parent) && s.name == name);
+        let (parent, name) = &if staged_here {
+            (parent, name.to_vec())
+        } else {
+            self.map_top(parent, name, false, None)?
+        };
+        let (parent, name) = (*parent, name.as_slice());
+        if let Ok(Ino::Old(kid)) = self.resolve(parent) {
+            // Unlinking Acra's hard link only forgets it (the key is untouched).
+            let mut st = self.state();
+            if st.links.remove(&(kid, name.to_vec())).is_some() {
+                drop(st);
+                self.inv.clear_next_archive(kid);
+                return Ok(());
+            }
+        }
         let p = self.resolve(parent)?;
         {
             let mut st = self.state();
@@ -1005,6 +1189,8 @@ impl Core {
     /// rmdir.
     pub fn rmdir(&self, parent: u64, name: &[u8], ctx: Ctx) -> Result<()> {
         self.check_rw()?;
+        let (parent, name) = &self.map_top(parent, name, false, None)?;
+        let (parent, name) = (*parent, name.as_slice());
         let p = self.resolve(parent)?;
         if let Ok(Ino::Old(kid)) = self.inv.lookup(p, name) {
             if self.state().staged.values().any(|s| s.dir == Ino::Old(kid)) {
@@ -1056,6 +1242,19 @@ impl Core {
     ) -> Result<()> {
         self.check_rw()?;
         validate_component(n2)?;
+        let staged_src = self
+            .state()
+            .staged
+            .values()
+            .any(|s| s.dir == Ino::Node(p1) && s.name == n1);
+        let (p1, n1) = &if staged_src {
+            (p1, n1.to_vec())
+        } else {
+            self.map_top(p1, n1, false, None)?
+        };
+        let (p1, n1) = (*p1, n1.as_slice());
+        let (p2, n2) = &self.map_top(p2, n2, true, Some(&ctx))?;
+        let (p2, n2) = (*p2, n2.as_slice());
         let sp = self.resolve(p1)?;
         let dp = self.resolve(p2)?;
         // A staged temp file (history directory, or sealed view), renamed into place.
@@ -1068,7 +1267,7 @@ impl Core {
                     .map(|(r, _)| *r)
             };
             if let Some(raw) = staged {
-                if dp != sp && !self.opts.sealed {
+                if dp != sp && !self.opts.sealed && !self.opts.acra {
                     return err(
                         Kind::Invalid,
                         "a file in a history directory can only be renamed within it",
@@ -1135,26 +1334,38 @@ impl Core {
                         &ctx,
                     )?
                 } else {
-                    self.inv.write_new(
-                        dp,
-                        n2,
-                        &data,
+                    // Into a history directory: an archived version (its mode is 0400);
+                    // elsewhere (Acra's temp file renamed over its key): an import or rotation.
+                    let attrs = if matches!(dp, Ino::Old(_)) {
                         NewAttrs {
                             perm: 0o400,
                             uid: ctx.uid,
                             gid: ctx.gid,
-                        },
-                        &ctx,
-                    )?
+                        }
+                    } else {
+                        NewAttrs { perm, uid, gid }
+                    };
+                    self.inv.write_new(dp, n2, &data, attrs, &ctx)?
                 };
                 let mut st = self.state();
                 st.staged.remove(&raw);
                 st.forward.insert(raw, ino);
-                drop(st);
-                self.invalidate(vec![
+                let mut inval = vec![
                     Inval::Entry(p2, n2.to_vec()),
                     Inval::Entry(p1, n1.to_vec()),
-                ]);
+                    Inval::Inode(ino.raw()),
+                ];
+                if let Ino::Node(id) = ino {
+                    // Acra's link into history has become the archived version.
+                    let gone: Vec<_> = st.links.keys().filter(|(k, _)| *k == id).cloned().collect();
+                    for key in gone {
+                        st.links.remove(&key);
+                        inval.push(Inval::Entry(Ino::Old(id).raw(), key.1));
+                    }
+                    inval.push(Inval::Entry(p2, [n2, b".old"].concat()));
+                }
+                drop(st);
+                self.invalidate(inval);
                 return Ok(());
             }
         }

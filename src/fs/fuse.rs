@@ -284,13 +284,15 @@ impl Filesystem for KeyFs {
     fn link(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _newparent: INodeNo,
+        ino: INodeNo,
+        newparent: INodeNo,
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        log::debug!("link {newname:?} refused: hard links are not supported");
-        reply.error(Errno::EPERM);
+        match self.core.link(ino.0, newparent.0, newname.as_bytes()) {
+            Ok((a, raw)) => reply.entry(&self.ttl(), &file_attr(&a, raw), Generation(0)),
+            Err(e) => reply.error(fail("link", &e)),
+        }
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {

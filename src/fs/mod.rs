@@ -1,6 +1,7 @@
 //! The mounted view: `core` (filesystem logic, testable without the kernel)
 //! and `fuse` (the thin fuser adapter), plus mount/unmount.
 
+pub mod acra;
 pub mod core;
 pub mod fuse;
 

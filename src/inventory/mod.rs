@@ -144,6 +144,10 @@ pub struct Inventory {
     /// Read audits waiting to be appended (mount mode: batched off the read path).
     pending_reads: Mutex<Vec<(Rec, Ctx, i64)>>,
     async_read_audit: std::sync::atomic::AtomicBool,
+    /// Archive instants requested for the next rotation of a key (Acra's
+    /// writer hard-links the current file to `<file>.old/<ts>` before it
+    /// renames the new file over it).
+    next_archive: Mutex<std::collections::HashMap<u64, i64>>,
     writer: Mutex<u64>,
     dir: PathBuf,
     read_only: bool,
@@ -461,6 +465,7 @@ impl Inventory {
             cache: Default::default(),
             pending_reads: Mutex::new(Vec::new()),
             async_read_audit: Default::default(),
+            next_archive: Default::default(),
         };
         inv.commit(&mut txn, &[Rec::ok("init", "", 0, 0)], &ctx, now, true)
     }
@@ -543,6 +548,7 @@ impl Inventory {
             cache: Default::default(),
             pending_reads: Mutex::new(Vec::new()),
             async_read_audit: Default::default(),
+            next_archive: Default::default(),
         })
     }
 
@@ -1611,6 +1617,47 @@ impl Inventory {
         }
     }
 
+    /// Name the archive entry the next rotation of key `id` gives its current
+    /// version (Acra v1's writer links the current file into `<file>.old/<ts>`
+    /// first). Kept in memory: if no rotation follows, nothing changes.
+    pub fn set_next_archive(&self, id: u64, ts: i64) -> Result<()> {
+        let n = self.node(id)?;
+        let k = n.key().ok_or_else(|| {
+            Error::new(
+                Kind::Perm,
+                format!(
+                    "{} is not a key; only keys can be linked into their history",
+                    self.path_of(id)
+                ),
+            )
+        })?;
+        if k.current.is_none() {
+            return err(
+                Kind::NotFound,
+                format!("{} has no current version to archive", self.path_of(id)),
+            );
+        }
+        if k.archived_at(ts).is_some() {
+            return err(
+                Kind::Exists,
+                format!("{}.old/{} already exists", self.path_of(id), format_ts(ts)),
+            );
+        }
+        self.next_archive
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, ts);
+        Ok(())
+    }
+
+    /// Forget a requested archive name (the link was removed before a rotation).
+    pub fn clear_next_archive(&self, id: u64) {
+        self.next_archive
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+
     /// Version number of a key's current version.
     pub fn current_version(&self, id: u64) -> Option<u32> {
         self.get_node(id)
@@ -1772,8 +1819,13 @@ impl Inventory {
         let kb = n.key_mut().expect("key");
         let v = w.new_ver(kb, kind, data.expose(), public)?;
         let had_current = kb.current.is_some();
+        let requested = self
+            .next_archive
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
         if let Some(mut old) = kb.current.take() {
-            old.archived_at = kb.free_archive_ts(now);
+            old.archived_at = kb.free_archive_ts(requested.unwrap_or(now));
             kb.push_archived(old);
         }
         kb.pub_hidden = false;

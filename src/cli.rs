@@ -84,7 +84,7 @@ pub enum Cmd {
         /// File layout.
         #[arg(long, value_enum, default_value = "tree")]
         layout: Layout,
-        /// Keep unlinked versions recoverable this long (not implemented yet; 0 only).
+        /// Keep unlinked versions recoverable this long under .keyfs/pending/ (e.g. 30s, 15m, 7d).
         #[arg(long, value_name = "DURATION", default_value = "0")]
         destroy_delay: String,
     },
@@ -281,12 +281,20 @@ impl Cli {
     }
 }
 
-fn parse_duration_zero(s: &str) -> Result<()> {
+/// Parse `--destroy-delay`: a number with an optional unit (s, m, h, d); plain numbers are seconds.
+fn parse_duration(s: &str) -> Result<i64> {
     let t = s.trim();
-    if t == "0" || t == "0s" {
-        Ok(())
-    } else {
-        err(Kind::Usage, format!("--destroy-delay={s}: delayed destruction is not available in this version; omit the option (destruction is immediate)"))
+    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let mult: i64 = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => 0,
+    };
+    match num.parse::<i64>() {
+        Ok(n) if mult > 0 && n <= 3650 * 86400 / mult => Ok(n * mult * 1_000_000_000),
+        _ => err(Kind::Usage, format!("--destroy-delay={s}: give a duration such as 0, 30s, 15m, 12h or 7d (at most ten years)")),
     }
 }
 
@@ -601,7 +609,7 @@ pub fn run(cli: &Cli) -> Result<()> {
             layout,
             destroy_delay,
         } => {
-            parse_duration_zero(destroy_delay)?;
+            let destroy_delay_ns = parse_duration(destroy_delay)?;
             let mk = cli.source().load()?;
             crate::fs::mount(
                 store,
@@ -613,6 +621,7 @@ pub fn run(cli: &Cli) -> Result<()> {
                     cache: *cache,
                     sealed: *sealed,
                     acra: *layout == Layout::AcraV1,
+                    destroy_delay_ns,
                 },
             )
         }

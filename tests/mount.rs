@@ -1738,3 +1738,71 @@ fn acra_v1_writer_sequence_leaves_one_archived_version() {
     );
     assert!(stdout.contains("acra-v1-writer: ok"), "{stdout}");
 }
+
+/// `--destroy-delay`: rm schedules destruction; the version waits in
+/// `.keyfs/pending/`, `mv` brings it back, and once the delay passes it is
+/// destroyed — also when it passes while nothing is mounted.
+#[test]
+fn destroy_delay_keeps_unlinked_versions_recoverable_until_it_passes() {
+    let mut m = Mounted::unmounted();
+    m.keyfs_mk(&[
+        "generate",
+        "--store",
+        m.store_str(),
+        "--client-id",
+        "alice01",
+    ])
+    .assert_ok();
+    m.mount(&["--destroy-delay=2s"]);
+    let hmac = read(&m, &format!("{C}/hmac"));
+    run("rm", &[m.p(&format!("{C}/hmac"))]).assert_ok();
+    assert!(
+        !m.path(&format!("{C}/hmac")).exists(),
+        "rm makes the name disappear"
+    );
+    let pending = ls_names(&m, ".keyfs/pending");
+    assert_eq!(pending, ["clients%2Falice01%2Fhmac@v1"]);
+    assert_eq!(
+        read(&m, &format!(".keyfs/pending/{}", pending[0])),
+        hmac,
+        "pending version is readable"
+    );
+    // mv brings it back.
+    run(
+        "mv",
+        &[
+            m.p(&format!(".keyfs/pending/{}", pending[0])),
+            m.p(&format!("{C}/hmac")),
+        ],
+    )
+    .assert_ok();
+    assert_eq!(read(&m, &format!("{C}/hmac")), hmac);
+    assert!(ls_names(&m, ".keyfs/pending").is_empty());
+    // Left alone, it is destroyed when the delay passes (the daemon checks every second).
+    run("rm", &[m.p(&format!("{C}/storage_sym"))]).assert_ok();
+    assert_eq!(ls_names(&m, ".keyfs/pending").len(), 1);
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+    assert!(
+        ls_names(&m, ".keyfs/pending").is_empty(),
+        "destroyed after the delay"
+    );
+    // A delay that passes while unmounted is carried out by the next command on the store.
+    run("rm", &[m.p(&format!("{C}/hmac"))]).assert_ok();
+    m.unmount_clean();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let list = m.list_versions();
+    for key in ["clients/alice01/hmac", "clients/alice01/storage_sym"] {
+        let vs = versions_of(&list, key);
+        assert!(
+            !vs.is_empty() && vs.iter().all(|v| v["state"] == "destroyed"),
+            "{key}: {vs:?}"
+        );
+    }
+    let log = m.keyfs_mk(&["audit", "--store", m.store_str()]).text();
+    assert!(
+        log.contains("op=destroy-scheduled")
+            && log.contains("op=restore")
+            && log.contains("op=destroy "),
+        "{log}"
+    );
+}

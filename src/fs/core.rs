@@ -28,6 +28,8 @@ pub struct MountOptions {
     pub sealed: bool,
     /// Acra v1 file names at the top level (SPEC §5).
     pub acra: bool,
+    /// Keep unlinked versions recoverable this long (ns) under `.keyfs/pending/`.
+    pub destroy_delay_ns: i64,
 }
 
 impl Default for MountOptions {
@@ -38,6 +40,7 @@ impl Default for MountOptions {
             cache: false,
             sealed: false,
             acra: false,
+            destroy_delay_ns: 0,
         }
     }
 }

@@ -116,14 +116,28 @@ pub fn mount(store: &Path, mnt: &Path, master: &MasterKey, opts: MountOptions) -
         })
         .map_err(|e| Error::new(Kind::Store, format!("cannot start the signal thread: {e}")))?;
     inv.set_async_read_audit(true);
+    inv.set_destroy_delay(opts.destroy_delay_ns);
     let flusher_inv = Arc::downgrade(&inv);
     std::thread::Builder::new()
         .name("keyfs-audit".into())
         .spawn(move || {
-            // Read audits are appended in batches every 50 ms, off the read path.
+            // Read audits are appended in batches every 50 ms, off the read path;
+            // delayed destructions are carried out once a second.
+            let mut tick = 0u64;
+            let ctx = Ctx::this_process();
             while let Some(inv) = flusher_inv.upgrade() {
                 if let Err(e) = inv.flush_read_audits() {
                     log::error!("appending read audits: {e}");
+                }
+                tick += 1;
+                if tick % 20 == 0 {
+                    match inv.purge_expired(&ctx) {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            log::info!("destroyed {n} version(s) whose --destroy-delay passed")
+                        }
+                        Err(e) => log::error!("carrying out delayed destructions: {e}"),
+                    }
                 }
                 drop(inv);
                 std::thread::sleep(std::time::Duration::from_millis(50));

@@ -19,8 +19,8 @@ use audit::{Ctx, Head, Rec};
 use kinds::KeyKind;
 use names::{format_ts, history_of, now_ns, parse_ts, validate_component, ClientId};
 use node::{
-    blob_key, dirent_key, dirent_prefix, node_key, tomb_key, Body, Ino, KeyBody, Node, Special,
-    Tombstone, Ver,
+    blob_key, dirent_key, dirent_prefix, node_key, pending_key, tomb_key, Body, Ino, KeyBody, Node,
+    Pending, Special, Tombstone, Ver,
 };
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -148,6 +148,8 @@ pub struct Inventory {
     /// writer hard-links the current file to `<file>.old/<ts>` before it
     /// renames the new file over it).
     next_archive: Mutex<std::collections::HashMap<u64, i64>>,
+    /// `--destroy-delay`, ns (0: destruction is immediate).
+    destroy_delay: std::sync::atomic::AtomicI64,
     writer: Mutex<u64>,
     dir: PathBuf,
     read_only: bool,
@@ -466,6 +468,7 @@ impl Inventory {
             pending_reads: Mutex::new(Vec::new()),
             async_read_audit: Default::default(),
             next_archive: Default::default(),
+            destroy_delay: Default::default(),
         };
         inv.commit(&mut txn, &[Rec::ok("init", "", 0, 0)], &ctx, now, true)
     }
@@ -534,7 +537,7 @@ impl Inventory {
                 format!("the audit log of {} has entries but its head record is missing (deleted); the store was tampered with — restore the store directory from a backup copy", dir.display()),
             ));
         }
-        Ok(Inventory {
+        let inv = Inventory {
             backend: Box::new(backend),
             keys,
             master: MasterKey::from_key(Key32::new(*master.0.expose())),
@@ -549,7 +552,13 @@ impl Inventory {
             pending_reads: Mutex::new(Vec::new()),
             async_read_audit: Default::default(),
             next_archive: Default::default(),
-        })
+            destroy_delay: Default::default(),
+        };
+        // Destructions whose delay passed while nothing had the store open.
+        if !inv.read_only {
+            inv.purge_expired(&Ctx::this_process())?;
+        }
+        Ok(inv)
     }
 
     /// The store directory.
@@ -747,6 +756,19 @@ impl Inventory {
         match ino {
             Ino::Node(id) => self.path_of(id),
             Ino::Old(id) => format!("{}.old", self.path_of(id)),
+            Ino::Ver(id, v) if matches!(self.pending_of(id, v), Ok(Some(_))) => {
+                format!(
+                    ".keyfs/pending/{}",
+                    String::from_utf8_lossy(
+                        &self
+                            .pending_of(id, v)
+                            .ok()
+                            .flatten()
+                            .expect("checked")
+                            .name()
+                    )
+                )
+            }
             Ino::Ver(id, v) => match self
                 .get_node(id)
                 .ok()
@@ -764,6 +786,7 @@ impl Inventory {
             Ino::Special(Special::Dir) => ".keyfs".into(),
             Ino::Special(Special::Status) => ".keyfs/status".into(),
             Ino::Special(Special::Audit) => ".keyfs/audit".into(),
+            Ino::Special(Special::Pending) => ".keyfs/pending".into(),
         }
     }
 
@@ -835,8 +858,15 @@ impl Inventory {
             Ino::Special(Special::Dir) => match name {
                 b"status" => Ok(Ino::Special(Special::Status)),
                 b"audit" => Ok(Ino::Special(Special::Audit)),
+                b"pending" => Ok(Ino::Special(Special::Pending)),
                 _ => Err(nf()),
             },
+            Ino::Special(Special::Pending) => self
+                .pending()?
+                .into_iter()
+                .find(|p| p.name() == name)
+                .map(|p| Ino::Ver(p.entry, p.ver.ver))
+                .ok_or_else(nf),
             _ => err(
                 Kind::NotDir,
                 format!("{} is not a directory", self.ino_path(parent)),
@@ -894,6 +924,21 @@ impl Inventory {
                     ctime: n.ctime,
                 })
             }
+            Ino::Ver(id, ver) if self.pending_of(id, ver)?.is_some() => {
+                let p = self.pending_of(id, ver)?.expect("checked");
+                Ok(Attr {
+                    ino,
+                    ftype: FType::File,
+                    size: p.ver.size as u64,
+                    perm: 0o400,
+                    nlink: 1,
+                    uid: p.uid,
+                    gid: p.gid,
+                    atime: p.unlinked,
+                    mtime: p.unlinked,
+                    ctime: p.unlinked,
+                })
+            }
             Ino::Ver(id, ver) => {
                 let n = self.node(id)?;
                 let v = n
@@ -942,6 +987,7 @@ impl Inventory {
                     Special::Dir => (FType::Dir, 0o555, 2),
                     Special::Status => (FType::File, 0o444, 1),
                     Special::Audit => (FType::File, 0o400, 1),
+                    Special::Pending => (FType::Dir, 0o500, 2),
                 };
                 Ok(Attr {
                     ino,
@@ -1044,7 +1090,21 @@ impl Inventory {
                     });
                 }
             }
+            Ino::Special(Special::Pending) => {
+                for p in self.pending()? {
+                    out.push(DirEntry {
+                        name: p.name(),
+                        ino: Ino::Ver(p.entry, p.ver.ver),
+                        ftype: FType::File,
+                    });
+                }
+            }
             Ino::Special(Special::Dir) => {
+                out.push(DirEntry {
+                    name: b"pending".to_vec(),
+                    ino: Ino::Special(Special::Pending),
+                    ftype: FType::Dir,
+                });
                 out.push(DirEntry {
                     name: b"audit".to_vec(),
                     ino: Ino::Special(Special::Audit),
@@ -1076,6 +1136,23 @@ impl Inventory {
         err(
             Kind::Invalid,
             format!("{} is not a symbolic link", self.ino_path(ino)),
+        )
+    }
+
+    fn open_blob_id(&self, id: u64, v: &Ver) -> Result<SecretBytes> {
+        let raw = self.backend.get(&blob_key(id, v.ver))?.ok_or_else(|| {
+            Error::new(
+                Kind::Integrity,
+                format!("sealed record of version {} is missing", v.ver),
+            )
+        })?;
+        self.keys.open(
+            RecordId {
+                entry: id,
+                version: v.ver,
+                kind: v.kind as u8,
+            },
+            &Sealed::decode(&raw)?,
         )
     }
 
@@ -1117,6 +1194,20 @@ impl Inventory {
                     Some(v) => (n, v, false),
                     None => return err(Kind::IsDir, format!("{} is not a key", self.path_of(id))),
                 }
+            }
+            Ino::Ver(id, ver) if self.pending_of(id, ver)?.is_some() => {
+                let p = self.pending_of(id, ver)?.expect("checked");
+                let m = self.open_blob_id(id, &p.ver)?;
+                self.audit_read(
+                    Rec::ok(
+                        "read",
+                        format!(".keyfs/pending/{}", String::from_utf8_lossy(&p.name())),
+                        id,
+                        ver,
+                    ),
+                    ctx,
+                )?;
+                return Ok(m);
             }
             Ino::Ver(id, ver) => {
                 let n = self.node(id)?;
@@ -1656,6 +1747,147 @@ impl Inventory {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
+    }
+
+    /// `--destroy-delay` for unlinks made from now on (0 = immediate).
+    pub fn set_destroy_delay(&self, ns: i64) {
+        self.destroy_delay
+            .store(ns.max(0), std::sync::atomic::Ordering::Release);
+    }
+
+    fn destroy_or_defer(&self, w: &mut Work<'_>, n: &Node, v: &Ver, path: &str) {
+        let delay = self
+            .destroy_delay
+            .load(std::sync::atomic::Ordering::Acquire);
+        if delay == 0 {
+            w.destroy_version(n, v, path);
+            return;
+        }
+        let full = if v.archived_at == 0 {
+            path.to_string()
+        } else if path.contains(".old/") {
+            path.to_string()
+        } else {
+            format!("{path}.old/{}", format_ts(v.archived_at))
+        };
+        let p = Pending {
+            entry: n.id,
+            path: full.clone(),
+            deadline: w.now + delay,
+            unlinked: w.now,
+            uid: n.uid,
+            gid: n.gid,
+            ver: v.clone(),
+        };
+        w.txn.put(pending_key(n.id, v.ver), p.encode());
+        w.audit(Rec::ok(
+            "destroy-scheduled",
+            format!("{full} until {}", format_ts(p.deadline)),
+            n.id,
+            v.ver,
+        ));
+    }
+
+    fn destroy_pending_in(&self, w: &mut Work<'_>, p: &Pending) {
+        w.txn.delete(blob_key(p.entry, p.ver.ver));
+        let t = Tombstone {
+            path: p.path.clone(),
+            entry: p.entry,
+            ver: p.ver.ver,
+            kind: p.ver.kind,
+            created: p.ver.created,
+            destroyed: w.now,
+            uid: w.ctx.uid,
+        };
+        w.txn.put(tomb_key(p.entry, p.ver.ver), t.encode());
+        w.audit(Rec::ok("destroy", p.path.clone(), p.entry, p.ver.ver));
+    }
+
+    /// Versions waiting for destruction.
+    pub fn pending(&self) -> Result<Vec<Pending>> {
+        self.backend
+            .scan_prefix(b"p/")?
+            .into_iter()
+            .map(|(_, v)| Pending::decode(&v))
+            .collect()
+    }
+
+    fn pending_of(&self, id: u64, ver: u32) -> Result<Option<Pending>> {
+        match self.backend.get(&pending_key(id, ver))? {
+            Some(v) => Pending::decode(&v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Destroy every pending version whose delay has passed (also when it
+    /// passed while nothing was mounted). Returns how many were destroyed.
+    pub fn purge_expired(&self, ctx: &Ctx) -> Result<usize> {
+        if self.read_only {
+            return Ok(0);
+        }
+        let now = now_ns();
+        let expired: Vec<Pending> = self
+            .pending()?
+            .into_iter()
+            .filter(|p| p.deadline <= now)
+            .collect();
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        let _l = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w = self.work(ctx);
+        for p in &expired {
+            w.txn
+                .guard(pending_key(p.entry, p.ver.ver), Some(p.encode()));
+            w.txn.delete(pending_key(p.entry, p.ver.ver));
+            self.destroy_pending_in(&mut w, p);
+        }
+        w.commit(true)?;
+        Ok(expired.len())
+    }
+
+    /// `mv .keyfs/pending/<entry> PATH`: bring a version back before its
+    /// destruction, as an import (or rotation) at `PATH`.
+    fn restore_pending(
+        &self,
+        id: u64,
+        ver: u32,
+        parent: Ino,
+        name: &[u8],
+        ctx: &Ctx,
+    ) -> Result<()> {
+        let p = self.pending_of(id, ver)?.ok_or_else(|| {
+            Error::new(
+                Kind::NotFound,
+                "that pending destruction no longer exists (its delay passed)",
+            )
+        })?;
+        let material = self.open_blob_id(id, &p.ver)?;
+        let ino = self.write_new(
+            parent,
+            name,
+            &material,
+            NewAttrs {
+                perm: 0o600,
+                uid: p.uid,
+                gid: p.gid,
+            },
+            ctx,
+        )?;
+        let _l = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w = self.work(ctx);
+        w.txn.delete(pending_key(id, ver));
+        // Same entry and version: the record is now the restored version's, keep it.
+        if ino != Ino::Node(id) || self.current_version(id) != Some(ver) {
+            w.txn.delete(blob_key(id, ver));
+        }
+        w.audit(Rec::ok(
+            "restore",
+            format!("{} -> {}", p.path, self.ino_path(ino)),
+            id,
+            ver,
+        ));
+        w.commit(true)
     }
 
     /// Version number of a key's current version.
@@ -2208,6 +2440,15 @@ impl Inventory {
         let mut next = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let target = self.lookup(parent, name)?;
         let mut w = self.work(ctx);
+        if let (Ino::Special(Special::Pending), Ino::Ver(id, ver)) = (parent, target) {
+            // `rm .keyfs/pending/<entry>`: destroy it now.
+            let p = self.pending_of(id, ver)?.ok_or_else(|| {
+                Error::new(Kind::NotFound, "that pending destruction no longer exists")
+            })?;
+            w.txn.delete(pending_key(id, ver));
+            self.destroy_pending_in(&mut w, &p);
+            return w.commit(true);
+        }
         match target {
             Ino::Node(id) => {
                 let mut n = w.load(id)?;
@@ -2233,7 +2474,7 @@ impl Inventory {
                 let kind = kb.kind;
                 let empty = kb.is_empty();
                 let now = w.now;
-                w.destroy_version(&n, &cur, &path);
+                self.destroy_or_defer(&mut w, &n, &cur, &path);
                 if empty {
                     w.drop_node(&n)?;
                 } else {
@@ -2262,7 +2503,7 @@ impl Inventory {
                 // Like any directory, `<key>.old/` stays (empty) until rmdir,
                 // so `rm -r` (unlink entries, then rmdir) works.
                 kb.pinned = true;
-                w.destroy_version(&n, &v, &path);
+                self.destroy_or_defer(&mut w, &n, &v, &path);
                 n.ctime = w.now;
                 w.save(&n);
                 w.commit(true)
@@ -2367,6 +2608,10 @@ impl Inventory {
             return err(Kind::Exists, format!("{} already exists", self.ino_path(d)));
         }
         let mut w = self.work(ctx);
+        if let (Ino::Special(Special::Pending), Ino::Ver(id, ver)) = (p1, src) {
+            drop(next);
+            return self.restore_pending(id, ver, p2, n2, ctx);
+        }
         let sid = match src {
             Ino::Ver(kid, ver) => {
                 let n = self.node(kid)?;

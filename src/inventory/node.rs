@@ -36,6 +36,8 @@ pub enum Special {
     Status,
     /// `.keyfs/audit`
     Audit,
+    /// `.keyfs/pending/`: unlinked versions waiting for `--destroy-delay`.
+    Pending,
 }
 
 /// What an inode number names. Numbers are derived from stable node ids and
@@ -71,6 +73,7 @@ impl Ino {
                         Special::Dir => 1,
                         Special::Status => 2,
                         Special::Audit => 3,
+                        Special::Pending => 4,
                     }
             }
         }
@@ -95,6 +98,7 @@ impl Ino {
                 1 => Some(Ino::Special(Special::Dir)),
                 2 => Some(Ino::Special(Special::Status)),
                 3 => Some(Ino::Special(Special::Audit)),
+                4 => Some(Ino::Special(Special::Pending)),
                 _ => None,
             };
         }
@@ -557,5 +561,72 @@ mod tests {
             ..n
         };
         assert_eq!(Node::decode(&s.encode()).unwrap(), s);
+    }
+}
+
+/// Store key of a version scheduled for destruction.
+pub fn pending_key(id: u64, ver: u32) -> Vec<u8> {
+    let mut k = b"p/".to_vec();
+    k.extend_from_slice(&id.to_be_bytes());
+    k.extend_from_slice(&ver.to_be_bytes());
+    k
+}
+
+/// A version unlinked under `--destroy-delay`: still sealed in the store,
+/// recoverable until `deadline`, then destroyed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    /// Entry id it belonged to (its sealed record is still under this id).
+    pub entry: u64,
+    /// Tree path it was unlinked from (`…/hmac` or `…/hmac.old/<ts>`).
+    pub path: String,
+    /// When it will be destroyed, ns.
+    pub deadline: i64,
+    /// When it was unlinked, ns.
+    pub unlinked: i64,
+    /// Owner, group and mode of its key.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// The version's metadata.
+    pub ver: Ver,
+}
+
+impl Pending {
+    /// Encode.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut e = Enc::default();
+        e.u64(self.entry)
+            .bytes(self.path.as_bytes())
+            .i64(self.deadline)
+            .i64(self.unlinked)
+            .u32(self.uid)
+            .u32(self.gid);
+        enc_ver(&mut e, &self.ver);
+        e.done()
+    }
+    /// Decode.
+    pub fn decode(b: &[u8]) -> Result<Self> {
+        let mut d = Dec::new(b, "pending destruction");
+        let p = Pending {
+            entry: d.u64()?,
+            path: String::from_utf8_lossy(d.bytes()?).into_owned(),
+            deadline: d.i64()?,
+            unlinked: d.i64()?,
+            uid: d.u32()?,
+            gid: d.u32()?,
+            ver: dec_ver(&mut d)?,
+        };
+        d.end()?;
+        Ok(p)
+    }
+    /// Its name in `.keyfs/pending/`: the path with `%` and `/` escaped, then `@v<version>`.
+    pub fn name(&self) -> Vec<u8> {
+        format!(
+            "{}@v{}",
+            self.path.replace('%', "%25").replace('/', "%2F"),
+            self.ver.ver
+        )
+        .into_bytes()
     }
 }

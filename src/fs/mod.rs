@@ -130,7 +130,7 @@ pub fn mount(store: &Path, mnt: &Path, master: &MasterKey, opts: MountOptions) -
                     log::error!("appending read audits: {e}");
                 }
                 tick += 1;
-                if tick % 20 == 0 {
+                if tick.is_multiple_of(20) {
                     match inv.purge_expired(&ctx) {
                         Ok(0) => {}
                         Ok(n) => {

@@ -1763,9 +1763,7 @@ impl Inventory {
             w.destroy_version(n, v, path);
             return;
         }
-        let full = if v.archived_at == 0 {
-            path.to_string()
-        } else if path.contains(".old/") {
+        let full = if v.archived_at == 0 || path.contains(".old/") {
             path.to_string()
         } else {
             format!("{path}.old/{}", format_ts(v.archived_at))

@@ -1448,7 +1448,7 @@ fn keyfs_status_is_json_with_counts() {
     assert!(!ls_names(&m, "").iter().any(|n| n == ".keyfs"));
     assert_eq!(
         ls_names(&m, ".keyfs"),
-        ["audit", "status"],
+        ["audit", "pending", "status"],
         "the hidden directory lists its own files"
     );
     assert_eq!(stat_c(&m, "%a", ".keyfs/status"), "444");
@@ -1805,4 +1805,52 @@ fn destroy_delay_keeps_unlinked_versions_recoverable_until_it_passes() {
             && log.contains("op=destroy "),
         "{log}"
     );
+}
+
+/// `--cache`: keys come from the kernel's page cache (no open reaches the
+/// daemon), and every change made through the mount invalidates it at once:
+/// a rotation through another path, a destruction and a chmod are seen by
+/// the very next read.
+#[test]
+fn cache_mode_never_serves_a_stale_key() {
+    let mut m = Mounted::unmounted();
+    m.keyfs_mk(&[
+        "generate",
+        "--store",
+        m.store_str(),
+        "--client-id",
+        "alice01",
+    ])
+    .assert_ok();
+    m.mount(&["--cache"]);
+    let key = format!("{C}/storage_sym");
+    let first = read(&m, &key);
+    assert_eq!(read(&m, &key), first, "cached read");
+    // Rotate through another path: a temp file renamed over the key, by the CLI.
+    let new = rand_bytes(32);
+    let src = outside(&m, "new.key", &new);
+    run(
+        crate::common::keyfs_bin(),
+        &["rotate", &m.p(&key), "--from", &src],
+    )
+    .assert_ok();
+    assert_eq!(read(&m, &key), new, "the next read sees the rotation");
+    assert_eq!(history_contents(&m, &key), vec![first]);
+    // Rotation by writing the file (cp: truncate, then one write).
+    let third = rand_bytes(32);
+    run(
+        "cp",
+        &[outside(&m, "third.key", &third).as_str(), &m.p(&key)],
+    )
+    .assert_ok();
+    assert_eq!(read(&m, &key), third);
+    // chmod: another uid is denied at once (the kernel checks the fresh mode).
+    run("chmod", &["755", &m.p(C)]).assert_ok();
+    run("chmod", &["644", &m.p(&key)]).assert_ok();
+    assert_eq!(run_as_nobody("cat", &[m.p(&key)]).stdout, third);
+    run("chmod", &["600", &m.p(&key)]).assert_ok();
+    run_as_nobody("cat", &[m.p(&key)]).assert_fails_with("Permission denied");
+    // Destruction: the next read fails.
+    run("rm", &[m.p(&key)]).assert_ok();
+    run("cat", &[m.p(&key)]).assert_fails_with("No such file or directory");
 }

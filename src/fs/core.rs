@@ -135,6 +135,10 @@ struct State {
     /// Acra layout: `<file>.old/<ts>` hard links made by Acra's writer,
     /// (key id, name) → archive instant, until the rotation that follows.
     links: HashMap<(u64, Vec<u8>), i64>,
+    /// `--cache`: the kernel sends no open (FUSE_NO_OPEN_SUPPORT), so reads and
+    /// writes arrive without a file handle; a truncate waiting for its write is
+    /// kept here, inode → handle.
+    implicit: HashMap<u64, u64>,
 }
 
 impl State {
@@ -428,6 +432,14 @@ impl Core {
             }
             Err(e) => return Err(e),
         };
+        if self.opts.cache && matches!(ino, Ino::Special(_)) && a.ftype == FType::File {
+            // Without open there is no direct I/O: the page cache needs the real size.
+            a.size = self
+                .inv
+                .read(ino, &Ctx::this_process())
+                .map(|d| d.len() as u64)
+                .unwrap_or(0);
+        }
         if self.opts.acra && ino == Ino::Node(node::ROOT) {
             a.perm = 0o700; // Acra refuses a keystore directory that is not exactly 0700
         }
@@ -738,6 +750,88 @@ impl Core {
         })
     }
 
+    /// `--cache` mode read without a file handle (the kernel fills its page
+    /// cache; the daemon sees only misses, each audited).
+    pub fn read_ino(&self, raw: u64, offset: u64, size: u32, ctx: Ctx) -> Result<Vec<u8>> {
+        let open = {
+            let st = self.state();
+            st.implicit.get(&raw).copied().or_else(|| {
+                st.handles
+                    .iter()
+                    .find(|(_, h)| h.ino == raw && !matches!(h.target, Target::Ino(_)))
+                    .map(|(f, _)| *f)
+            })
+        };
+        if let Some(fh) = open {
+            // A truncate waiting for its write, or a file still being created.
+            return self.read(fh, offset, size);
+        }
+        let ino = self.resolve(raw)?;
+        let data = if self.opts.sealed && matches!(ino, Ino::Node(_) | Ino::Ver(..)) {
+            SecretBytes::new(self.inv.export_sealed(ino, &ctx)?)
+        } else {
+            self.inv.read(ino, &ctx)?
+        };
+        let d = data.expose();
+        let start = (offset as usize).min(d.len());
+        let end = start.saturating_add(size as usize).min(d.len());
+        Ok(d[start..end].to_vec())
+    }
+
+    fn implicit_handle(&self, raw: u64, ctx: &Ctx, truncate_to: Option<usize>) -> Result<u64> {
+        if let Some(fh) = self.state().implicit.get(&raw).copied() {
+            return Ok(fh);
+        }
+        let ino = self.resolve(raw)?;
+        if matches!(ino, Ino::Ver(..) | Ino::Special(_)) {
+            return err(
+                Kind::ReadOnly,
+                format!("{} is read-only", self.inv.ino_path(ino)),
+            );
+        }
+        let data = match truncate_to {
+            Some(0) => SecretBytes::default(),
+            _ => self.inv.read(ino, ctx)?,
+        };
+        let mut st = self.state();
+        let fh = st.alloc();
+        st.handles.insert(
+            fh,
+            Handle {
+                ino: raw,
+                target: Target::Ino(ino),
+                data,
+                write: true,
+                dirty: false,
+                written: false,
+                failed: false,
+                amend: None,
+                discarded: false,
+                touched: None,
+                snapshot: None,
+                post: SetAttr::default(),
+                ctx: ctx.clone(),
+            },
+        );
+        st.implicit.insert(raw, fh);
+        Ok(fh)
+    }
+
+    /// `--cache` mode write without a file handle: with no open and no flush
+    /// from the kernel, each write(2) is committed as one rotation (a pending
+    /// truncate, as from `O_TRUNC`, is applied first).
+    pub fn write_ino(&self, raw: u64, offset: u64, data: &[u8], ctx: Ctx) -> Result<u32> {
+        self.check_rw()?;
+        let fh = self.implicit_handle(raw, &ctx, None)?;
+        let r = self
+            .write(fh, offset, data)
+            .and_then(|n| self.commit(fh).map(|_| n));
+        let mut st = self.state();
+        st.implicit.remove(&raw);
+        st.handles.remove(&fh);
+        r
+    }
+
     /// Read from an open handle.
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         let st = self.state();
@@ -1026,6 +1120,20 @@ impl Core {
                     h.dirty = true;
                 }
                 h.touched = Some(now_ns());
+            } else if self.opts.cache
+                && !st.staged.contains_key(&raw)
+                && matches!(ino, Ino::Node(_))
+            {
+                // No open reaches the daemon in --cache mode: keep the truncate
+                // for the write that follows (O_TRUNC then write, as cp does).
+                drop(st);
+                let fh = self.implicit_handle(raw, &ctx, Some(size as usize))?;
+                let mut st = self.state();
+                if let Some(h) = st.handles.get_mut(&fh) {
+                    h.data.resize(size as usize);
+                    h.dirty = true;
+                    h.touched = Some(now_ns());
+                }
             } else if let Some(sf) = st.staged.get_mut(&raw) {
                 sf.data.resize(size as usize);
             } else {
@@ -1371,6 +1479,12 @@ impl Core {
                 self.invalidate(inval);
                 return Ok(());
             }
+        }
+        // A file still being created (its release, which commits it in --cache
+        // mode, can come after the rename): commit it now.
+        let creating: Vec<u64> = self.state().handles.iter().filter(|(_, h)| !h.discarded && matches!(&h.target, Target::New { parent, name, .. } if *parent == sp && name == n1)).map(|(f, _)| *f).collect();
+        for fh in creating {
+            self.commit(fh)?;
         }
         let src = self.inv.lookup(sp, n1)?;
         let dst_before = self.inv.lookup(dp, n2).ok();

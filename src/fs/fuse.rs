@@ -127,9 +127,11 @@ impl Filesystem for KeyFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // O_TRUNC arrives with open (not as a separate truncate), so `cp` over a
         // key is one rotation at close.
-        let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
         if self.core.options().cache {
+            // No open reaches us, so O_TRUNC must come as a separate truncate.
             let _ = config.add_capabilities(InitFlags::FUSE_NO_OPEN_SUPPORT);
+        } else {
+            let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
         }
         Ok(())
     }
@@ -296,6 +298,12 @@ impl Filesystem for KeyFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if self.core.options().cache {
+            // --cache: ENOSYS tells the kernel (FUSE_NO_OPEN_SUPPORT) to stop
+            // sending opens; reads are then served from its page cache.
+            reply.error(Errno::ENOSYS);
+            return;
+        }
         match self.core.open(ino.0, flags.0, ctx(req)) {
             Ok(o) => reply.opened(FileHandle(o.fh), self.open_flags(&o)),
             Err(e) => reply.error(fail("open", &e)),
@@ -304,8 +312,8 @@ impl Filesystem for KeyFs {
 
     fn read(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -313,7 +321,12 @@ impl Filesystem for KeyFs {
         _lock: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.core.read(fh.0, offset, size) {
+        let r = if fh.0 == 0 {
+            self.core.read_ino(ino.0, offset, size, ctx(req))
+        } else {
+            self.core.read(fh.0, offset, size)
+        };
+        match r {
             Ok(d) => {
                 let d = zeroize::Zeroizing::new(d);
                 reply.data(&d)
@@ -324,8 +337,8 @@ impl Filesystem for KeyFs {
 
     fn write(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -334,7 +347,12 @@ impl Filesystem for KeyFs {
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.core.write(fh.0, offset, data) {
+        let r = if fh.0 == 0 {
+            self.core.write_ino(ino.0, offset, data, ctx(req))
+        } else {
+            self.core.write(fh.0, offset, data)
+        };
+        match r {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(fail("write", &e)),
         }
@@ -348,6 +366,13 @@ impl Filesystem for KeyFs {
         _lock: LockOwner,
         reply: ReplyEmpty,
     ) {
+        if self.core.options().cache {
+            // --cache: ENOSYS makes the kernel stop sending flushes (a close
+            // costs no round trip); handle-less writes commit as they arrive,
+            // created files at release.
+            reply.error(Errno::ENOSYS);
+            return;
+        }
         match self.core.flush(fh.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("close", &e)),

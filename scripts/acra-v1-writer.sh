@@ -29,6 +29,7 @@ KEYFS_MASTER_KEY="$(cat "$W/mk")"
 "$KEYFS" generate --store "$W/store" --client-id alice01 >/dev/null
 "$KEYFS" generate --store "$W/store" --global >/dev/null
 "$KEYFS" mount --layout=acra-v1 "$W/store" "$M" 2>"$W/daemon.log" &
+DAEMON=$!
 for _ in $(seq 1 200); do grep -q " $M " /proc/mounts && break; sleep 0.05; done
 grep -q " $M " /proc/mounts || { cat "$W/daemon.log" >&2; fail "mount did not come up"; }
 
@@ -74,8 +75,9 @@ acra_write "$M/carol03_hmac" "$W/carol.key"
 cmp -s "$W/carol.key" "$M/carol03_hmac" || fail "new client's key was not stored"
 [ ! -e "$M/carol03_hmac.old" ] || [ -z "$(ls "$M/carol03_hmac.old")" ] || fail "a new key has history"
 
-# The same keys through the tree layout.
+# The same keys through the tree layout (the daemon releases the store when it exits).
 "$KEYFS" umount "$M"
+wait "$DAEMON" 2>/dev/null || true
 "$KEYFS" list --store "$W/store" clients/alice01 --versions --json > "$W/list.json"
 python3 - "$W/list.json" <<'PY'
 import json, sys

@@ -58,7 +58,7 @@ worker() { # $1 = worker number, $2 = iteration
         if rm -f "$dir/$key" 2>/dev/null && [ ! -e "$dir/$key" ]; then echo "destroy $key -" >> "$WORK/acked"; fi
         ;;
       *) # import or rotation by atomic replace
-        tmp="$dir/.tmp-$w-$n"
+        tmp="$dir/.tmp-$it-$w-$n"
         echo "write $key $sum" >> "$WORK/attempted"
         if printf '%s' "$content" > "$tmp" 2>/dev/null && mv -f "$tmp" "$dir/$key" 2>/dev/null; then
           echo "write $key $sum" >> "$WORK/acked"

@@ -560,3 +560,233 @@ impl Drop for Mounted {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Added for tests/security.rs
+// ---------------------------------------------------------------------------
+
+/// Like [`run`], with extra environment variables and a deadline of its own
+/// (for long scripts such as scripts/crash-loop.sh).
+pub fn run_env<S: AsRef<OsStr>>(
+    prog: impl AsRef<OsStr>,
+    args: &[S],
+    env: &[(&str, &OsStr)],
+    timeout: Duration,
+) -> Out {
+    let prog = prog.as_ref();
+    let a: Vec<&OsStr> = args.iter().map(|s| s.as_ref()).collect();
+    let cmd = describe(prog, &a);
+    let mut c = Command::new(prog);
+    c.args(&a)
+        .env_remove("KEYFS_MASTER_KEY")
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let child = c
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run `{cmd}`: {e}"));
+    wait_output(child, cmd, timeout)
+}
+
+/// Run `prog args…` as uid/gid `id` with no supplementary groups (through
+/// `setpriv`); [`run_as_nobody`] for any uid, e.g. 1 (`daemon`).
+pub fn run_as<S: AsRef<OsStr>>(id: u32, prog: &str, args: &[S]) -> Out {
+    let uid = format!("--reuid={id}");
+    let gid = format!("--regid={id}");
+    let mut a: Vec<&OsStr> = vec![
+        OsStr::new(&uid),
+        OsStr::new(&gid),
+        OsStr::new("--clear-groups"),
+        OsStr::new(prog),
+    ];
+    a.extend(args.iter().map(|s| s.as_ref()));
+    run("setpriv", &a)
+}
+
+impl Mounted {
+    /// Like [`Mounted::mount`], but the daemon is started through `wrapper`
+    /// (a command that execs its arguments, such as
+    /// `setpriv --bounding-set=-sys_ptrace`), so [`Mounted::pid`] is the
+    /// daemon's own pid. A later [`Mounted::remount`] mounts without it.
+    #[track_caller]
+    pub fn mount_via(&mut self, wrapper: &[&str], opts: &[&str]) {
+        assert!(self.child.is_none(), "already mounted");
+        assert!(!wrapper.is_empty(), "mount_via needs a wrapper command");
+        assert!(
+            !is_mounted(&self.mnt),
+            "{} is still mounted before mount",
+            self.mnt.display()
+        );
+        self.opts = opts.iter().map(|s| s.to_string()).collect();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut c = Command::new(wrapper[0]);
+        c.args(&wrapper[1..])
+            .arg(keyfs_bin())
+            .arg("--master-key-file")
+            .arg(&self.master_key)
+            .arg("mount")
+            .arg(&self.store)
+            .arg(&self.mnt)
+            .args(&self.opts)
+            .env_remove("KEYFS_MASTER_KEY")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let mut child = c.spawn().expect("spawning the wrapped keyfs mount");
+        let start = Instant::now();
+        while !is_mounted(&self.mnt) {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!(
+                    "{wrapper:?} keyfs mount exited ({st}) before mounting; daemon log:\n{}",
+                    self.daemon_log()
+                );
+            }
+            if start.elapsed() > MOUNT_TIMEOUT {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "{} did not appear in /proc/mounts within {MOUNT_TIMEOUT:?}; daemon log:\n{}",
+                    self.mnt.display(),
+                    self.daemon_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child = Some(child);
+    }
+}
+
+/// A tmpfs of a fixed size mounted on its own temp dir (for full-disk tests).
+/// Dropping it ALWAYS unmounts it (`umount`, then `umount -l`), also when the
+/// test panics. Create it BEFORE any [`Mounted`] whose store lives on it, so
+/// that the FUSE mount is dropped (and its daemon gone) first.
+pub struct Tmpfs {
+    /// The mountpoint (its temp dir is removed after the unmount).
+    pub dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// `mount -t tmpfs -o size=SIZE,mode=0700 tmpfs DIR`.
+    #[track_caller]
+    pub fn new(size: &str) -> Tmpfs {
+        require_root_and_fuse();
+        let dir = tempdir();
+        run(
+            "mount",
+            &[
+                OsStr::new("-t"),
+                OsStr::new("tmpfs"),
+                OsStr::new("-o"),
+                OsStr::new(&format!("size={size},mode=0700")),
+                OsStr::new("tmpfs"),
+                dir.path().as_os_str(),
+            ],
+        )
+        .assert_ok();
+        assert!(is_mounted(dir.path()), "tmpfs not mounted");
+        Tmpfs { dir }
+    }
+
+    /// The mountpoint.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let p = self.dir.path().to_path_buf();
+        if is_mounted(&p) {
+            let ok = Command::new("umount")
+                .arg(&p)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(&p)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+        if is_mounted(&p) {
+            eprintln!(
+                "warning: tmpfs {} is still mounted after cleanup",
+                p.display()
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Added for tests/backup.rs
+// ---------------------------------------------------------------------------
+
+impl Mounted {
+    /// A new store, not mounted yet, for the SAME master key as the file
+    /// `master_key` (`keyfs init STORE --master-key-file MK`). The key file is
+    /// copied (0600) into this store's own temp dir, so the two guards can be
+    /// dropped in any order.
+    #[track_caller]
+    pub fn unmounted_sharing_key(master_key: &Path) -> Mounted {
+        use std::os::unix::fs::PermissionsExt;
+        require_root_and_fuse();
+        let dir = tempdir();
+        let store = dir.path().join("store");
+        let mnt = dir.path().join("mnt");
+        let mk = dir.path().join("master.key");
+        let log = dir.path().join("daemon.log");
+        std::fs::create_dir(&mnt).unwrap();
+        std::fs::copy(master_key, &mk).expect("copying the master key file");
+        std::fs::set_permissions(&mk, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let m = Mounted {
+            dir,
+            store,
+            mnt,
+            master_key: mk,
+            log,
+            opts: Vec::new(),
+            child: None,
+        };
+        m.keyfs_mk(&[OsStr::new("init"), m.store.as_os_str()])
+            .assert_ok();
+        m
+    }
+
+    /// [`Mounted::unmounted_sharing_key`], then mounted with `opts` (e.g.
+    /// `["--sealed", "--mkdir-generates=none"]`).
+    #[track_caller]
+    pub fn new_sharing_key(master_key: &Path, opts: &[&str]) -> Mounted {
+        let mut m = Mounted::unmounted_sharing_key(master_key);
+        m.mount(opts);
+        m
+    }
+
+    /// Unmount (cleanly) and mount again with other options (e.g. switch a
+    /// store between the plaintext and the `--sealed` view).
+    #[track_caller]
+    pub fn remount_with(&mut self, opts: &[&str]) {
+        self.unmount_clean();
+        self.mount(opts);
+    }
+
+    /// `keyfs list MNT --versions --json` through the mount, parsed.
+    #[track_caller]
+    pub fn list_mounted(&self) -> serde_json::Value {
+        let o = keyfs(&["list", self.mnt_str(), "--versions", "--json"]);
+        o.assert_ok();
+        serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("list --json is not JSON ({e}):\n{}", o.text()))
+    }
+}

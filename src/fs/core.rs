@@ -111,6 +111,10 @@ struct Handle {
     /// When uncommitted content last changed (write, truncate): stat shows it
     /// as mtime/ctime until the commit makes it the stored time.
     touched: Option<i64>,
+    /// Resized by an explicit (f)truncate: stat shows the new size at once. A
+    /// bare O_TRUNC is not shown until committed, so a truncation refused at
+    /// close (invalid for the key's kind) never appears.
+    resized: bool,
     ctx: Ctx,
 }
 
@@ -124,6 +128,10 @@ struct Staged {
     gid: u32,
     mtime: i64,
     ctime: i64,
+    /// chmod/utimens made on the temp file (rsync makes them before its
+    /// rename): re-applied to the key it becomes, as `commit` does with a
+    /// handle's `post`.
+    post: SetAttr,
 }
 
 #[derive(Default)]
@@ -154,6 +162,9 @@ pub struct Core {
     opts: MountOptions,
     st: Mutex<State>,
     inval: Mutex<Option<mpsc::Sender<Inval>>>,
+    /// One commit at a time: two flushes of one open file (duplicated
+    /// descriptors closed together) must not both commit its buffer.
+    commit_lock: Mutex<()>,
 }
 
 impl std::fmt::Debug for Core {
@@ -187,6 +198,7 @@ impl Core {
             inv,
             opts: MountOptions { read_only, ..opts },
             st: Mutex::new(State::default()),
+            commit_lock: Mutex::new(()),
             inval: Mutex::new(None),
         }
     }
@@ -448,11 +460,9 @@ impl Core {
             a.size = self.inv.sealed_size(ino)?;
         }
         let st = self.state();
-        if let Some(h) = st
-            .handles
-            .values()
-            .find(|h| h.dirty && matches!(h.target, Target::Ino(i) if i == ino))
-        {
+        if let Some(h) = st.handles.values().find(|h| {
+            h.dirty && (h.written || h.resized) && matches!(h.target, Target::Ino(i) if i == ino)
+        }) {
             a.size = h.data.len() as u64;
             if let Some(t) = h.touched {
                 a.mtime = t;
@@ -605,6 +615,7 @@ impl Core {
                         gid: ctx.gid,
                         mtime: now,
                         ctime: now,
+                        post: SetAttr::default(),
                     },
                 );
                 Target::Staged(raw)
@@ -622,6 +633,7 @@ impl Core {
                         gid: ctx.gid,
                         mtime: now,
                         ctime: now,
+                        post: SetAttr::default(),
                     },
                 );
                 Target::Staged(raw)
@@ -665,6 +677,7 @@ impl Core {
                 amend: None,
                 discarded: false,
                 touched: None,
+                resized: false,
                 snapshot: Some(a.clone()),
                 post: SetAttr::default(),
                 ctx,
@@ -736,6 +749,7 @@ impl Core {
                 amend: None,
                 discarded: false,
                 touched: None,
+                resized: false,
                 snapshot,
                 post: SetAttr::default(),
                 ctx,
@@ -808,6 +822,7 @@ impl Core {
                 amend: None,
                 discarded: false,
                 touched: None,
+                resized: false,
                 snapshot: None,
                 post: SetAttr::default(),
                 ctx: ctx.clone(),
@@ -903,7 +918,31 @@ impl Core {
                 &String::from_utf8_lossy(&name),
             )?;
         }
-        self.commit(fh)
+        let r = self.commit(fh);
+        if r.is_err() {
+            self.drop_refused_new(fh);
+        }
+        r
+    }
+
+    /// A new file whose content was refused at close: free its name now,
+    /// not when the kernel's asynchronous RELEASE arrives, so that an
+    /// immediate retry (`cp` creates with O_CREAT|O_EXCL) does not get EEXIST.
+    fn drop_refused_new(&self, fh: u64) {
+        let mut st = self.state();
+        let Some(h) = st.handles.get_mut(&fh) else {
+            return;
+        };
+        let Target::New { parent, name, .. } = &h.target else {
+            return;
+        };
+        let inv = vec![
+            Inval::Entry(parent.raw(), name.clone()),
+            Inval::Inode(h.ino),
+        ];
+        h.discarded = true;
+        drop(st);
+        self.invalidate(inv);
     }
 
     fn name_of(&self, t: &Target) -> Option<Vec<u8>> {
@@ -923,6 +962,7 @@ impl Core {
 
     /// Commit a handle's buffer if it changed (fsync, release).
     pub fn commit(&self, fh: u64) -> Result<()> {
+        let _one_at_a_time = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
         let (target, data, ctx, raw, post, amend, written, created) = {
             let st = self.state();
             let Some(h) = st.handles.get(&fh) else {
@@ -1027,6 +1067,7 @@ impl Core {
                                     gid: attrs.gid,
                                     mtime: now,
                                     ctime: now,
+                                    post: SetAttr::default(),
                                 },
                             );
                             if let Some(h) = st.handles.get_mut(&fh) {
@@ -1060,6 +1101,7 @@ impl Core {
                 h.dirty = false;
                 h.written = false;
                 h.touched = None;
+                h.resized = false;
                 h.post = SetAttr::default();
                 h.amend = current;
                 if let Some(r) = committed {
@@ -1119,6 +1161,7 @@ impl Core {
                     h.data.resize(size as usize);
                     h.dirty = true;
                 }
+                h.resized = true;
                 h.touched = Some(now_ns());
             } else if self.opts.cache
                 && !st.staged.contains_key(&raw)
@@ -1169,6 +1212,9 @@ impl Core {
                 sf.gid = s.gid.unwrap_or(sf.gid);
                 sf.mtime = s.mtime.unwrap_or(sf.mtime);
                 sf.ctime = now;
+                sf.post.perm = s.perm.map(|p| p & 0o7777).or(sf.post.perm);
+                sf.post.atime = s.atime.or(sf.post.atime);
+                sf.post.mtime = s.mtime.or(sf.post.mtime);
             } else if let Some(h) = st
                 .handles
                 .values_mut()
@@ -1204,7 +1250,16 @@ impl Core {
                         h.post.mtime = s.mtime.or(h.post.mtime);
                     }
                 }
-                self.invalidate(vec![Inval::Inode(raw)]);
+                let mut inval = vec![Inval::Inode(raw)];
+                if let Ino::Node(id) = ino {
+                    // Archived versions take their owner and mode from the key:
+                    // the kernel must forget what it cached about them too.
+                    if let Ok(vs) = self.inv.readdir(Ino::Old(id)) {
+                        inval.push(Inval::Inode(Ino::Old(id).raw()));
+                        inval.extend(vs.into_iter().map(|e| Inval::Inode(e.ino.raw())));
+                    }
+                }
+                self.invalidate(inval);
             }
         }
         self.getattr(raw)
@@ -1430,20 +1485,29 @@ impl Core {
                         );
                     }
                 }
-                let (perm, uid, gid) = self
+                let (perm, uid, gid, post) = self
                     .state()
                     .staged
                     .get(&raw)
-                    .map(|s| (s.perm, s.uid, s.gid))
-                    .unwrap_or((0o600, ctx.uid, ctx.gid));
+                    .map(|s| (s.perm, s.uid, s.gid, s.post))
+                    .unwrap_or((0o600, ctx.uid, ctx.gid, SetAttr::default()));
                 let ino = if self.opts.sealed {
-                    self.inv.import_sealed(
+                    let ino = self.inv.import_sealed(
                         dp,
                         n2,
                         data.expose(),
                         NewAttrs { perm, uid, gid },
                         &ctx,
-                    )?
+                    )?;
+                    // The mode and times the tool set on its temp file (an
+                    // explicit chmod is not capped like a creation mode).
+                    // Archived versions take theirs from their key.
+                    if !matches!(dp, Ino::Old(_))
+                        && (post.perm.is_some() || post.atime.is_some() || post.mtime.is_some())
+                    {
+                        self.inv.setattr(ino, post, &ctx)?;
+                    }
+                    ino
                 } else {
                     // Into a history directory: an archived version (its mode is 0400);
                     // elsewhere (Acra's temp file renamed over its key): an import or rotation.

@@ -91,11 +91,22 @@ struct BundleDir {
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
+struct BundleLink {
+    path: String,
+    target: String,
+    uid: u32,
+    gid: u32,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
 struct Bundle {
     format: String,
     private: bool,
     dirs: Vec<BundleDir>,
     keys: Vec<BundleEntry>,
+    /// Symbolic links (metadata, not secrets); absent from bundles without any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    links: Vec<BundleLink>,
 }
 
 fn b64() -> base64::engine::GeneralPurpose {
@@ -321,6 +332,7 @@ impl Inventory {
             private,
             dirs: Vec::new(),
             keys: Vec::new(),
+            links: Vec::new(),
         };
         let mut recs = Vec::new();
         for (path, n) in &nodes {
@@ -331,7 +343,12 @@ impl Inventory {
                     uid: n.uid,
                     gid: n.gid,
                 }),
-                Body::Symlink(_) => {}
+                Body::Symlink(t) => b.links.push(BundleLink {
+                    path: path.clone(),
+                    target: String::from_utf8_lossy(t).into_owned(),
+                    uid: n.uid,
+                    gid: n.gid,
+                }),
                 Body::Key(k) => {
                     if private || k.kind.is_public() {
                         let mut versions = Vec::new();
@@ -425,6 +442,12 @@ impl Inventory {
                 if self.child(d, name.as_bytes())?.is_some() || self.resolve(&p).is_ok() {
                     conflicts.push(p.clone());
                 }
+            }
+        }
+        for l in &b.links {
+            let p = full(&l.path);
+            if self.resolve(&p).is_ok() {
+                conflicts.push(p);
             }
         }
         if !conflicts.is_empty() {
@@ -540,6 +563,22 @@ impl Inventory {
             count += 1;
         }
         w.commit(true)?;
+        drop(next);
+        for l in &b.links {
+            let p = full(&l.path);
+            let (parent, name) = self.resolve_parent(&p)?;
+            self.symlink(
+                parent,
+                name.as_bytes(),
+                l.target.as_bytes(),
+                NewAttrs {
+                    perm: 0o777,
+                    uid: l.uid,
+                    gid: l.gid,
+                },
+                ctx,
+            )?;
+        }
         Ok(count)
     }
 

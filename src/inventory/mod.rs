@@ -1341,6 +1341,9 @@ impl Inventory {
         if pid == node::ROOT {
             return err(Kind::Perm, "the top level holds only clients/, poison/ and audit/; put keys under clients/<ClientID>/");
         }
+        if !is_dir && name.len() > 251 {
+            return err(Kind::NameTooLong, format!("a key's name is at most 251 bytes (this one has {}), so that its history directory <name>.old fits in 255", name.len()));
+        }
         if is_dir && (pid == node::POISON || pid == node::AUDIT_DIR) {
             return err(
                 Kind::Perm,
@@ -2761,11 +2764,18 @@ impl Inventory {
                         })?;
                         let material = self.open_blob(&s, &cur)?;
                         self.rotate_in(&mut w, did, &material, &format!(" from {s_path}"))?;
-                        // POSIX: after rename the name has the source's mode, owner and mtime.
+                        // POSIX: after rename the name has the source's mode, owner and
+                        // mtime. But a key's history belongs to the key's owner: someone
+                        // who may only write the directory must not become the owner of
+                        // the key — and so of its archived versions — by renaming their
+                        // own file over it. Only root (restores) or the key's owner take
+                        // the source's owner and mode along.
                         let mut d = w.load(did)?;
-                        d.perm = s.perm;
-                        d.uid = s.uid;
-                        d.gid = s.gid;
+                        if ctx.uid == 0 || (s.uid == d.uid && s.gid == d.gid) {
+                            d.perm = s.perm;
+                            d.uid = s.uid;
+                            d.gid = s.gid;
+                        }
                         d.mtime = s.mtime;
                         w.save(&d);
                         w.txn.delete(blob_key(sid, cur.ver));
@@ -3014,6 +3024,30 @@ impl Inventory {
                     n.mtime = m;
                     n.ctime = w.now;
                 }
+                w.save(&n);
+                w.commit(true)?;
+                self.attr(ino)
+            }
+            Ino::Old(id)
+                if (s.atime.is_some() || s.mtime.is_some())
+                    && s.perm.is_none_or(|p| p & 0o7777 == cur.perm)
+                    && s.uid.is_none_or(|u| u == cur.uid)
+                    && s.gid.is_none_or(|g| g == cur.gid)
+                    && self.node(id)?.key().is_some_and(|k| k.current.is_none()) =>
+            {
+                // A key with only a history shows its times on `<key>.old/`
+                // alone: keep the times a restore (tar, rsync) sets there.
+                self.check_rw()?;
+                let _l = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+                let mut w = self.work(ctx);
+                let mut n = w.load(id)?;
+                if let Some(a) = s.atime {
+                    n.atime = a;
+                }
+                if let Some(m) = s.mtime {
+                    n.mtime = m;
+                }
+                n.ctime = w.now;
                 w.save(&n);
                 w.commit(true)?;
                 self.attr(ino)

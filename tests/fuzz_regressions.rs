@@ -313,7 +313,6 @@ fn parse_ts_rejects_truncated_utf8_and_near_misses() {
 /// fuzz builds, a wrapped (wrong) instant in release. Fixed when such names
 /// give `None`, and both ends of the i64 range still parse and round-trip.
 #[test]
-#[ignore = "fails until the parse_ts overflow fix (fuzz report, diff 1) lands in src/inventory/names.rs"]
 fn parse_ts_out_of_i64_range_is_none_not_overflow() {
     for s in [
         "1485-01-01T00:00:00.000000000Z", // the fuzzer's input
@@ -620,7 +619,6 @@ fn failed_import_leaves_no_directories_behind() {
 /// (2262-04-11T23:47:16.854775807Z, a name `parse_ts` accepts) overflowed —
 /// a panic in debug builds, a wrap to 1677 in release.
 #[test]
-#[ignore = "fails until KeyBody::free_archive_ts stops overflowing (fuzz report, diff 2)"]
 fn import_of_colliding_archive_instants_at_i64_max_does_not_overflow() {
     let s = scratch();
     client_dir(&s);

@@ -135,7 +135,9 @@ pub fn parse_ts(s: &[u8]) -> Option<i64> {
     if civil_from_days(days) != (y, mo, d) {
         return None; // e.g. February 30
     }
-    Some((days * 86400 + h * 3600 + mi * 60 + se) * 1_000_000_000 + f)
+    // Instants outside the i64 nanosecond range (before 1677, after 2262) are not names.
+    let ns = (days * 86400 + h * 3600 + mi * 60 + se) as i128 * 1_000_000_000 + f as i128;
+    i64::try_from(ns).ok()
 }
 
 /// Now, in nanoseconds since the epoch.

@@ -177,11 +177,22 @@ impl KeyBody {
             .find(|v| v.ver == ver)
     }
     /// A free archive instant at or after `ts`.
-    pub fn free_archive_ts(&self, mut ts: i64) -> i64 {
-        while self.archived_at(ts).is_some() {
-            ts += 1;
+    pub fn free_archive_ts(&self, ts: i64) -> i64 {
+        // Upwards from `ts`; at the end of the range, downwards instead.
+        let mut t = ts;
+        while self.archived_at(t).is_some() {
+            match t.checked_add(1) {
+                Some(n) => t = n,
+                None => {
+                    t = ts;
+                    while self.archived_at(t).is_some() {
+                        t -= 1;
+                    }
+                    return t;
+                }
+            }
         }
-        ts
+        t
     }
     /// Insert an archived version keeping time order.
     pub fn push_archived(&mut self, v: Ver) {

@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-const NODE_CAP: usize = 65_536;
-const DIRENT_CAP: usize = 65_536;
+const NODE_CAP: usize = 16_384;
+const DIRENT_CAP: usize = 16_384;
 const MATERIAL_CAP: usize = 1_024;
 
 /// Plaintext pinned in RAM (best effort `mlock`), wiped when dropped.

@@ -24,6 +24,8 @@ impl SledBackend {
                 .path(path)
                 .mode(sled::Mode::HighThroughput)
                 .flush_every_ms(Some(500))
+                // Bounded page cache: memory stays O(what is in use), not O(inventory).
+                .cache_capacity(32 * 1024 * 1024)
                 .open();
             match r {
                 Ok(db) => return Ok(SledBackend { db }),

@@ -532,6 +532,8 @@ impl Filesystem for KeyFs {
             reply.error(Errno::EPERM);
             return;
         }
+        // A created file is not in the store until it is committed at close: the
+        // kernel must not cache its entry (a refused file must free its name at once).
         match self.core.create(
             parent.0,
             name.as_bytes(),
@@ -540,7 +542,7 @@ impl Filesystem for KeyFs {
             ctx(req),
         ) {
             Ok((a, raw, o)) => reply.created(
-                &self.ttl(),
+                &Duration::ZERO,
                 &file_attr(&a, raw),
                 Generation(0),
                 FileHandle(o.fh),

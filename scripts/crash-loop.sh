@@ -55,7 +55,9 @@ worker() { # $1 = worker number, $2 = iteration
     case $((n % 7)) in
       6) # destruction
         echo "destroy $key -" >> "$WORK/attempted"
-        if rm -f "$dir/$key" 2>/dev/null && [ ! -e "$dir/$key" ]; then echo "destroy $key -" >> "$WORK/acked"; fi
+        # Plain rm: only a destruction that really happened (not "no such
+        # file", which rm -f would count as success) is acknowledged.
+        if rm "$dir/$key" 2>/dev/null && [ ! -e "$dir/$key" ]; then echo "destroy $key -" >> "$WORK/acked"; fi
         ;;
       *) # import or rotation by atomic replace
         tmp="$dir/.tmp-$it-$w-$n"

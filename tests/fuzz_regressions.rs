@@ -594,7 +594,6 @@ fn import_refuses_bad_versions_and_material_without_changes() {
 /// Found by fuzz target `import` with KEYFS_FUZZ_STRICT=1 (the bundle of
 /// tests/data/vectors-v1.txt with a symmetric key's material cut short).
 #[test]
-#[ignore = "fails until import validates before it creates directories (fuzz report, diff 3)"]
 fn failed_import_leaves_no_directories_behind() {
     let s = scratch();
     let json = format!(
@@ -657,7 +656,6 @@ fn import_of_colliding_archive_instants_at_i64_max_does_not_overflow() {
 /// first: `Ok(2)`, and an orphaned node that `check()` reports ("not linked
 /// from its directory"). It must be refused, changing nothing.
 #[test]
-#[ignore = "fails until import refuses a key listed twice (fuzz report, diff 3)"]
 fn import_refuses_a_key_listed_twice() {
     let s = scratch();
     client_dir(&s);
@@ -692,7 +690,6 @@ fn import_refuses_a_key_listed_twice() {
 /// Found by fuzz target `import` (crash-2cd98653b44265bb5ec4a986db737f2f86a5bce9,
 /// minimised to `IMPORT_KEY_IN_CLIENTS`: a key `clients/alice01.hmac`).
 #[test]
-#[ignore = "fails until import checks the parent like parent_dir_for_new (fuzz report, diff 3)"]
 fn import_keeps_keys_out_of_the_top_level_and_clients() {
     let s = scratch();
     refused(

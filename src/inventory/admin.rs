@@ -456,6 +456,55 @@ impl Inventory {
                 format!("import would overwrite existing keys: {}; nothing was imported — destroy or move them first, or import under another root", conflicts.join(", ")),
             );
         }
+        // Validate everything before changing anything: a refused import
+        // leaves no directories behind.
+        let mut seen = std::collections::BTreeSet::new();
+        for k in &b.keys {
+            let p = full(&k.path);
+            let norm: Vec<&str> = p
+                .split('/')
+                .filter(|c| !c.is_empty() && *c != ".")
+                .collect();
+            if !seen.insert(norm.join("/")) {
+                return err(
+                    Kind::Invalid,
+                    format!("{p}: the bundle lists this key twice; nothing was imported"),
+                );
+            }
+            match norm.len() {
+                0 | 1 => {
+                    return err(
+                        Kind::Perm,
+                        format!("{p}: keys cannot be at the top level; nothing was imported"),
+                    )
+                }
+                2 if norm[0] == "clients" => {
+                    return err(
+                        Kind::Perm,
+                        format!(
+                            "{p}: clients/ holds only client directories; nothing was imported"
+                        ),
+                    )
+                }
+                _ => {}
+            }
+            let name = norm.last().expect("checked");
+            validate_component(name.as_bytes())?;
+            let kind = KeyKind::for_name(name.as_bytes());
+            let mut vers = std::collections::BTreeSet::new();
+            for bv in &k.versions {
+                let m = SecretBytes::new(b64().decode(&bv.material).map_err(|_| {
+                    Error::new(
+                        Kind::Invalid,
+                        format!("{p}: bundle material is not base64; nothing was imported"),
+                    )
+                })?);
+                kinds::validate(kind, m.expose(), &p)?;
+                if bv.version == 0 || !vers.insert(bv.version) {
+                    return err(Kind::Invalid, format!("{p}: bundle has an invalid or duplicate version number {}; nothing was imported", bv.version));
+                }
+            }
+        }
         let mut dirs: Vec<&BundleDir> = b.dirs.iter().collect();
         dirs.sort_by_key(|d| d.path.matches('/').count());
         for d in dirs {

@@ -25,7 +25,8 @@
 #                         /tmp/keyfs-bench-quick.md, not to docs/)
 #   BENCH_OUT=FILE        where the report goes (full run: docs/PERFORMANCE.md)
 #   BENCH_WORK=DIR        scratch directory on a real disk (default: a new
-#                         directory under /var/tmp; removed at the end)
+#                         directory under ~/.cache/keyfs-bench, out of the way of
+#                         anything that tidies /tmp or /var/tmp; removed at the end)
 #   BENCH_KEEP=1          keep the scratch directory
 #   BENCH_MAX_LOAD=X      before starting, wait (up to BENCH_WAIT_S seconds,
 #                         default 600) until the 1-minute load is at most X
@@ -71,6 +72,16 @@ log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() {
     log "ERROR: $*"
     exit 1
+}
+# On a failed measurement: what the four trees look like at that moment.
+diag() {
+    local fs
+    for fs in "${FSS[@]:-}"; do
+        [ -n "$fs" ] || continue
+        log "$fs: clients/c000001 holds: $(find "${MNT_OF[$fs]}/clients/c000001" -maxdepth 1 -printf '%f(%s) ' 2>&1)"
+    done
+    [ -d "${WORK:-}/gocryptfs-cipher" ] && log "gocryptfs cipherdir: $(find "$WORK/gocryptfs-cipher" | wc -l) entries"
+    grep -s " ${WORK:-/nonexistent}/" /proc/mounts >&2 || true
 }
 now_us() { local t=$EPOCHREALTIME; echo "${t/./}"; }
 load1() { cut -d' ' -f1 /proc/loadavg; }
@@ -164,6 +175,12 @@ cleanup() {
         elif [ "${BENCH_KEEP:-0}" = 1 ]; then
             log "kept $WORK"
         else
+            if [ "$rc" != 0 ] && [ -d "$WORK/logs" ]; then
+                local keep
+                keep="$(mktemp -d /tmp/keyfs-bench-logs.XXXXXX)"
+                cp -a "$WORK/logs/." "$keep/" 2>/dev/null
+                log "the run failed; daemon logs kept in $keep"
+            fi
             rm -rf "$WORK"
         fi
     fi
@@ -200,20 +217,24 @@ top_lines() { awk -v n="$1" 'NF && !/^#/ { if (c++ < n) print }'; }
 
 rss_kb() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo nan; }
 
-# keyfs_mount STORE MNT [mount options] — sets KPID and MOUNT_US.
+# keyfs_mount STORE MNT [mount options] — sets KPID, MOUNT_ROOT_US (spawn to
+# MNT/clients answering stat) and MOUNT_US (spawn to MNT/.keyfs/status answering).
 keyfs_mount() {
     local store="$1" mnt="$2"
     shift 2
     mkdir -p "$mnt"
-    local t0 t1
+    local t0 t1 t2
     t0=$(now_us)
     "$K" --master-key-file "$MK" mount "$store" "$mnt" "$@" >>"$WORK/logs/keyfs.log" 2>&1 &
     KPID=$!
     PIDS+=("$KPID")
     MOUNTS+=("$mnt")
-    t1=$("$KB" waitmount "$mnt/.keyfs/status" "$(dirname "$mnt")" 60000) ||
+    t1=$("$KB" waitmount "$mnt/clients" "$(dirname "$mnt")" 60000) ||
         die "keyfs did not mount $store at $mnt (see $WORK/logs/keyfs.log)"
-    MOUNT_US=$((t1 - t0))
+    t2=$("$KB" waitmount "$mnt/.keyfs/status" "$(dirname "$mnt")" 60000) ||
+        die "keyfs at $mnt does not answer for .keyfs/status (see $WORK/logs/keyfs.log)"
+    MOUNT_ROOT_US=$((t1 - t0))
+    MOUNT_US=$((t2 - t0))
 }
 
 # gocryptfs_mount CIPHERDIR MNT — default options, foreground daemon; sets GPID, MOUNT_US.
@@ -275,7 +296,8 @@ if [ -n "${BENCH_WORK:-}" ]; then
     mkdir -p "$WORK"
     [ -z "$(ls -A "$WORK")" ] || die "BENCH_WORK=$WORK is not empty"
 else
-    WORK="$(mktemp -d /var/tmp/keyfs-bench.XXXXXX)"
+    mkdir -p "${XDG_CACHE_HOME:-$HOME/.cache}/keyfs-bench"
+    WORK="$(mktemp -d "${XDG_CACHE_HOME:-$HOME/.cache}/keyfs-bench/run.XXXXXX")"
 fi
 WORK="$(cd "$WORK" && pwd)"
 mkdir -p "$WORK/logs" "$WORK/mnt"
@@ -386,7 +408,7 @@ declare -A MNT_OF=([tmpfs]="$M_TMPFS" [gocryptfs]="$M_GOC" [keyfs]="$M_KEYFS" [c
 declare -A LABEL=([tmpfs]="tmpfs" [gocryptfs]="gocryptfs" [keyfs]="keyfs" [cache]="keyfs --cache")
 KEYFILE=clients/c000001/storage_sym
 for fs in "${FSS[@]}"; do
-    s=$(stat -c %s "${MNT_OF[$fs]}/$KEYFILE")
+    s=$(stat -c %s "${MNT_OF[$fs]}/$KEYFILE") || { diag; die "$fs: $KEYFILE is missing"; }
     [ "$s" = 32 ] || die "$fs: $KEYFILE is $s bytes, not 32"
 done
 cmp -s "$M_TMPFS/$KEYFILE" "$M_GOC/$KEYFILE" || die "gocryptfs copy differs"
@@ -400,14 +422,14 @@ log "key reads: open+read+close, $ITERS per measurement, $REPS repetitions"
 for ((r = 0; r < REPS; r++)); do
     for fs in "${FSS[@]}"; do
         f="${MNT_OF[$fs]}/$KEYFILE"
-        out=$("$KB" read "$f" "$ITERS" 1 1) || die "$fs: read failed"
+        out=$("$KB" read "$f" "$ITERS" 1 1) || { diag; die "$fs: read failed"; }
         add_raw read1 "$fs" "$(kb_result 1 <<<"$out")"
-        out=$("$KB" read "$f" "$ITERS" 2 1) || die "$fs: read (2 threads) failed"
+        out=$("$KB" read "$f" "$ITERS" 2 1) || { diag; die "$fs: read (2 threads) failed"; }
         add_raw read2 "$fs" "$(kb_result 1 <<<"$out")"
         add_raw read2_ops "$fs" "$(kb_result 4 <<<"$out")"
-        out=$("$KB" read "$f" "$EOF_ITERS" 1 1 eof) || die "$fs: read to EOF failed"
+        out=$("$KB" read "$f" "$EOF_ITERS" 1 1 eof) || { diag; die "$fs: read to EOF failed"; }
         add_raw readeof "$fs" "$(kb_result 1 <<<"$out")"
-        out=$("$KB" stat "$f" "$STAT_ITERS" 1) || die "$fs: stat failed"
+        out=$("$KB" stat "$f" "$STAT_ITERS" 1) || { diag; die "$fs: stat failed"; }
         add_raw stat "$fs" "$(kb_result 1 <<<"$out")"
     done
     sample_load
@@ -598,17 +620,18 @@ stop_daemon "$M_GOC" "$GPID"
 # ---------------------------------------------------------------- mount time and memory
 
 log "keyfs mount time and RSS at ${SIZE_KEYS// / / } keys ($MOUNT_REPS mounts each)"
-declare -A MT RSS_M RSS_F FINDN
+declare -A MT MTR RSS_M RSS_F FINDN
 SIZE_ROWS=()
 measure_size() {
     # measure_size LABEL STORE [mount options]
     local label="$1" store="$2"
     shift 2
-    local mnt="$WORK/mnt/size" r times=() rm=() rf=""
+    local mnt="$WORK/mnt/size" r times=() rtimes=() rm=() rf=""
     for ((r = 0; r < MOUNT_REPS; r++)); do
         sync
         keyfs_mount "$store" "$mnt" "$@"
         times+=("$MOUNT_US")
+        rtimes+=("$MOUNT_ROOT_US")
         sleep 0.3 # let the mount settle (audit flush) before reading RSS
         rm+=("$(rss_kb "$KPID")")
         if [ "$r" = 0 ]; then
@@ -618,11 +641,12 @@ measure_size() {
         stop_daemon "$mnt" "$KPID"
     done
     MT[$label]=$(printf '%s\n' "${times[@]}" | median)
+    MTR[$label]=$(printf '%s\n' "${rtimes[@]}" | median)
     RSS_M[$label]=$(printf '%s\n' "${rm[@]}" | median)
     RSS_F[$label]=$rf
     SIZE_ROWS+=("$label")
     sample_load
-    log "  $label keys: mount $((MT[$label] / 1000)) ms, RSS $((RSS_M[$label] / 1024)) MiB, after find $((rf / 1024)) MiB (load $LAST_LOAD)"
+    log "  $label keys: mount $((MT[$label] / 1000)) ms (clients/ after $((MTR[$label] / 1000)) ms), RSS $((RSS_M[$label] / 1024)) MiB, after find $((rf / 1024)) MiB (load $LAST_LOAD)"
 }
 for k in $SIZE_KEYS; do
     n=$(((k + KEYS_PER_CLIENT - 1) / KEYS_PER_CLIENT))
@@ -656,6 +680,17 @@ row() { # row METRIC "what" "unit"
 raw_list() { # raw_list METRIC FS — the repetitions, 3 significant digits, " · "-separated
     local v out=""
     for v in ${RAW[$1,$2]:-}; do out+="${out:+ · }$(fmt "$v")"; done
+    echo "${out:-–}"
+}
+
+paired() { # paired METRIC FS REF — ratio FS/REF within each repetition (same round, same load)
+    local -a a b
+    read -r -a a <<<"${RAW[$1,$2]:-}"
+    read -r -a b <<<"${RAW[$1,$3]:-}"
+    local i out=""
+    for ((i = 0; i < ${#a[@]} && i < ${#b[@]}; i++)); do
+        out+="${out:+ · }$(awk -v x="${a[$i]}" -v y="${b[$i]}" 'BEGIN { printf "%.2f", x / y }')"
+    done
     echo "${out:-–}"
 }
 
@@ -708,13 +743,14 @@ Daemon memory after the walks (VmRSS): gocryptfs $((GOC_RSS_WALKED / 1024)) MiB,
 
 ### keyfs mount time and daemon memory by inventory size
 
-Mount time = from spawning \`keyfs mount\` to \`MNT/.keyfs/status\` answering \`stat\` (median of $MOUNT_REPS). RSS = VmRSS of the daemon right after mounting (median) and after one \`find\` over the whole mount.
+Mount time = from spawning \`keyfs mount\` to \`MNT/.keyfs/status\` answering \`stat\` (median of $MOUNT_REPS); the column before it stops the clock when \`MNT/clients\` first answers (the first probe; the status probe follows it). RSS = VmRSS of the daemon 0.3 s after both probes (median) and after one \`find\` over the whole mount.
 
-| keys | clients | mount time (ms) | RSS after mount (MiB) | RSS after find (MiB) | entries walked |
-|---:|---:|---:|---:|---:|---:|
+| keys | clients | until clients/ answers (ms) | mount time: until .keyfs/status answers (ms) | RSS after mount (MiB) | RSS after find (MiB) | entries walked |
+|---:|---:|---:|---:|---:|---:|---:|
 $(for l in "${SIZE_ROWS[@]}"; do
         k="${l%% *}"
-        printf '| %s | %s | %s | %s | %s | %s |\n' "$l" $(((k + KEYS_PER_CLIENT - 1) / KEYS_PER_CLIENT)) \
+        printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$l" $(((k + KEYS_PER_CLIENT - 1) / KEYS_PER_CLIENT)) \
+            "$(awk -v v="${MTR[$l]}" 'BEGIN { printf "%.0f", v / 1000 }')" \
             "$(awk -v v="${MT[$l]}" 'BEGIN { printf "%.0f", v / 1000 }')" \
             "$(awk -v v="${RSS_M[$l]}" 'BEGIN { printf "%.1f", v / 1024 }')" \
             "$(awk -v v="${RSS_F[$l]}" 'BEGIN { printf "%.1f", v / 1024 }')" "${FINDN[$l]}"
@@ -724,9 +760,9 @@ $(for l in "${SIZE_ROWS[@]}"; do
 
 | bar | measured | verdict |
 |---|---|---|
-$(bar "key read, default mode ≤ 0.6× gocryptfs" "$(fmt "${R[read1,keyfs]:-}") µs vs $(fmt "${R[read1,gocryptfs]:-}") µs = ${R_READ}×" "$(le "$R_READ" 0.6)")
-$(bar "key read, --cache ≤ 1.5× tmpfs" "$(fmt "${R[read1,cache]:-}") µs vs $(fmt "${R[read1,tmpfs]:-}") µs = ${R_CACHE}×" "$(le "$R_CACHE" 1.5)")
-$(bar "find over $TREE_CLIENTS clients ≤ gocryptfs (default mode)" "$(fmt "${R[find,keyfs]:-}") s vs $(fmt "${R[find,gocryptfs]:-}") s ($(fmt "${R[find,cache]:-}") s with --cache)" "$(le "${R[find,keyfs]:-}" "${R[find,gocryptfs]:-}")")
+$(bar "key read, default mode ≤ 0.6× gocryptfs" "$(fmt "${R[read1,keyfs]:-}") µs vs $(fmt "${R[read1,gocryptfs]:-}") µs = ${R_READ}× (within each repetition: $(paired read1 keyfs gocryptfs))" "$(le "$R_READ" 0.6)")
+$(bar "key read, --cache ≤ 1.5× tmpfs" "$(fmt "${R[read1,cache]:-}") µs vs $(fmt "${R[read1,tmpfs]:-}") µs = ${R_CACHE}× (within each repetition: $(paired read1 cache tmpfs))" "$(le "$R_CACHE" 1.5)")
+$(bar "find over $TREE_CLIENTS clients ≤ gocryptfs (default mode)" "$(fmt "${R[find,keyfs]:-}") s vs $(fmt "${R[find,gocryptfs]:-}") s (within each repetition: $(paired find keyfs gocryptfs)); $(fmt "${R[find,cache]:-}") s with --cache" "$(le "${R[find,keyfs]:-}" "${R[find,gocryptfs]:-}")")
 $(bar "mount ≤ 1 s at $BIG_K keys" "${BIG_MT_MS} ms" "$(le "$BIG_MT_MS" 1000)")
 $(bar "daemon RSS ≤ 64 MiB at $BIG_K keys (after mount and after a full find)" "${BIG_RSS_MIB} MiB" "$(le "$BIG_RSS_MIB" 64)")
 $(bar "≥ 1,000 durable rotations/s, one thread (write temp, rename)" "$(fmt "${R[rot,keyfs]:-}")/s ($(fmt "${R[rotfs,keyfs]:-}")/s with an fsync of the temp file)" "$(le 1000 "${R[rot,keyfs]:-}")")

@@ -7,13 +7,15 @@
 //!
 //! Fuzz targets (fuzz/fuzz_targets/): `sealed` (Sealed::decode +
 //! StoreKeys::open), `node` and `tombstone` (record decoders, round trips),
-//! `names` (ClientId::parse, validate_component, history_of, parse_ts) and
-//! `import` (the export bundle's JSON through Inventory::import).
+//! `names` (ClientId::parse, validate_component, history_of, parse_ts),
+//! `import` (the export bundle's JSON through Inventory::import) and
+//! `sealed_file` (the sealed view's file format, SealedFile::decode).
 
 use keyfs::crypto::{self, RecordId, Sealed, StoreKeys};
 use keyfs::inventory::audit::Ctx;
 use keyfs::inventory::names::{format_ts, history_of, parse_ts, validate_component, ClientId};
 use keyfs::inventory::node::{Ino, Node, Tombstone, ROOT};
+use keyfs::inventory::sealed;
 use keyfs::inventory::{FType, Inventory, OpenOptions};
 use keyfs::secret::{Key32, MasterKey};
 use keyfs::Kind;
@@ -80,6 +82,101 @@ fn sealed_open_of_garbage_is_an_integrity_error() {
     s.ciphertext
         .truncate(crypto::NONCE_LEN + crypto::TAG_LEN - 1);
     assert_eq!(keys.open(RID, &s).unwrap_err().kind(), Kind::Integrity);
+}
+
+// ---------------------------------------------------------------------------
+// Sealed-view files (fuzz target `sealed_file`)
+// ---------------------------------------------------------------------------
+
+/// MAGIC || `body` || a valid MAC under `master()` for the store id `sid`.
+fn sealed_file(sid: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut f = [sealed::MAGIC, body].concat();
+    let mac = crypto::hmac_sha256(&sealed::mac_key(&master(), sid), &[f.as_slice()]);
+    f.extend_from_slice(&mac);
+    f
+}
+
+/// A sealed file's body up to (not including) the path.
+fn sealed_head(sid: &[u8]) -> Vec<u8> {
+    let mut b = (sid.len() as u32).to_be_bytes().to_vec();
+    b.extend_from_slice(sid);
+    b
+}
+
+#[test]
+fn sealed_file_decode_refuses_short_foreign_and_unauthenticated_input() {
+    let m = master();
+    let invalid = |b: &[u8], what: &str| {
+        let e = sealed::SealedFile::decode(b, &m).unwrap_err();
+        assert_eq!(e.kind(), Kind::Invalid, "{what}: {}", e.message());
+    };
+    invalid(b"", "empty");
+    invalid(sealed::MAGIC, "magic only");
+    invalid(&[sealed::MAGIC, &[0; 31]].concat(), "magic + 31 bytes");
+    invalid(
+        &[sealed::MAGIC, &[0; 32]].concat(),
+        "magic + an all-zero MAC",
+    );
+    invalid(
+        &[b"KEYFS-EXPORT-1\n", &[0; 64][..]].concat(),
+        "an export bundle",
+    );
+    // Store id length u32::MAX, or not 16 bytes: not a sealed file.
+    let mut huge = sealed::MAGIC.to_vec();
+    huge.extend_from_slice(&u32::MAX.to_be_bytes());
+    huge.extend_from_slice(&[0; 40]);
+    invalid(&huge, "store id length u32::MAX");
+    invalid(
+        &sealed_file(&[1; 15], &sealed_head(&[1; 15])),
+        "15-byte store id",
+    );
+    // A well-formed head under another master key, or a flipped MAC.
+    let sid = [3u8; 16];
+    let mut f = sealed_file(&sid, &sealed_head(&sid));
+    *f.last_mut().unwrap() ^= 1;
+    let e = sealed::SealedFile::decode(&f, &m).unwrap_err();
+    assert_eq!(e.kind(), Kind::Integrity);
+}
+
+#[test]
+fn sealed_file_decode_of_authenticated_garbage_is_an_error() {
+    let m = master();
+    let sid = [3u8; 16];
+    // Authenticated, but the fields stop after the store id / have a path of
+    // length u32::MAX / a path that is truncated UTF-8 / a trailing byte.
+    let mut u32max = sealed_head(&sid);
+    u32max.extend_from_slice(&u32::MAX.to_be_bytes());
+    u32max.extend_from_slice(b"clients/x");
+    let mut bad_utf8 = sealed_head(&sid);
+    bad_utf8.extend_from_slice(&2u32.to_be_bytes());
+    bad_utf8.extend_from_slice(b"a\xc3");
+    bad_utf8.extend_from_slice(&[0; 8 + 4 + 1 + 8 + 8 + 4]);
+    let mut ok = sealed_head(&sid);
+    ok.extend_from_slice(&1u32.to_be_bytes());
+    ok.push(b'k');
+    ok.extend_from_slice(&[0; 8 + 4 + 1 + 8 + 8]);
+    ok.extend_from_slice(&0u32.to_be_bytes());
+    let good = sealed_file(&sid, &ok);
+    let f = sealed::SealedFile::decode(&good, &m).expect("a minimal file decodes");
+    assert_eq!(f.encode(&m), good, "decode is exact");
+    let mut trailing = ok.clone();
+    trailing.push(0);
+    let mut kind9 = ok.clone();
+    kind9[sealed_head(&sid).len() + 4 + 1 + 8 + 4] = 9;
+    for (body, kind, what) in [
+        (
+            sealed_head(&sid),
+            Kind::Integrity,
+            "no fields after the store id",
+        ),
+        (u32max, Kind::Integrity, "path length u32::MAX"),
+        (bad_utf8, Kind::Invalid, "truncated UTF-8 path"),
+        (trailing, Kind::Integrity, "trailing byte"),
+        (kind9, Kind::Integrity, "kind code 9"),
+    ] {
+        let e = sealed::SealedFile::decode(&sealed_file(&sid, &body), &m).unwrap_err();
+        assert_eq!(e.kind(), kind, "{what}: {}", e.message());
+    }
 }
 
 // ---------------------------------------------------------------------------

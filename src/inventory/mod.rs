@@ -203,7 +203,18 @@ fn lock_store(dir: &Path) -> Result<std::fs::File> {
                 p.display()
             ))
         })?;
-    if !crate::sys::try_flock(&f) {
+    // A process that just forked (to exec something else) can hold a copy of
+    // a descriptor we closed for a moment: retry briefly before calling the
+    // store busy.
+    let mut locked = crate::sys::try_flock(&f);
+    for _ in 0..25 {
+        if locked {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        locked = crate::sys::try_flock(&f);
+    }
+    if !locked {
         let mut holder = String::new();
         f.read_to_string(&mut holder).ok();
         return Err(Error::new(

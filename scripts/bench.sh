@@ -710,7 +710,7 @@ report() {
     cat <<EOF
 # keyfs performance
 
-Produced by \`scripts/bench.sh\` ($mode); do not edit by hand — rerun the script.
+Produced by \`scripts/bench.sh\` ($mode). Each run rewrites everything above the \`<!-- analysis -->\` marker and keeps the hand-written analysis below it.
 
 - **Date:** $START_DATE, took ${ELAPSED_S}s (store building ${BUILD_S}s)
 - **Machine:** $NPROC × $CPU_MODEL, $RAM_GIB GiB RAM, kernel $KERNEL, $OS

@@ -22,6 +22,21 @@ struct Scratch {
     _dir: tempfile::TempDir,
 }
 
+/// Remove the scratch stores of fuzz processes that are gone: the static
+/// below is never dropped (libFuzzer ends the process with exit()).
+fn sweep(base: &std::path::Path) {
+    for e in std::fs::read_dir(base).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("keyfs-fuzz-") else {
+            continue;
+        };
+        let pid = rest.split('-').next().unwrap_or("");
+        if !std::path::Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 fn scratch() -> Scratch {
     let shm = std::path::Path::new("/dev/shm");
     let base = if shm.is_dir() {
@@ -29,8 +44,9 @@ fn scratch() -> Scratch {
     } else {
         std::env::temp_dir()
     };
+    sweep(&base);
     let dir = tempfile::Builder::new()
-        .prefix("keyfs-fuzz-")
+        .prefix(&format!("keyfs-fuzz-{}-", std::process::id()))
         .tempdir_in(base)
         .unwrap();
     let master = || MasterKey::from_key(Key32::new([7; 32]));

@@ -786,10 +786,7 @@ impl Core {
         } else {
             self.inv.read(ino, &ctx)?
         };
-        let d = data.expose();
-        let start = (offset as usize).min(d.len());
-        let end = start.saturating_add(size as usize).min(d.len());
-        Ok(d[start..end].to_vec())
+        Ok(slice(data.expose(), offset, size))
     }
 
     fn implicit_handle(&self, raw: u64, ctx: &Ctx, truncate_to: Option<usize>) -> Result<u64> {
@@ -854,10 +851,7 @@ impl Core {
             .handles
             .get(&fh)
             .ok_or_else(|| Error::new(Kind::Invalid, "bad file handle"))?;
-        let d = h.data.expose();
-        let start = (offset as usize).min(d.len());
-        let end = start.saturating_add(size as usize).min(d.len());
-        Ok(d[start..end].to_vec())
+        Ok(slice(h.data.expose(), offset, size))
     }
 
     /// Write into an open handle's buffer (committed at close/fsync).
@@ -1610,4 +1604,11 @@ fn kinds_cap(name: &[u8], perm: u16) -> u16 {
     } else {
         perm & 0o600
     }
+}
+
+/// The bytes a read of `size` at `offset` returns (short at the end).
+fn slice(d: &[u8], offset: u64, size: u32) -> Vec<u8> {
+    let start = (offset as usize).min(d.len());
+    let end = start.saturating_add(size as usize).min(d.len());
+    d[start..end].to_vec()
 }

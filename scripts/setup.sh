@@ -40,6 +40,9 @@ KEYFS_DEPS=(
     "modprobe:kmod"        # load the fuse module where /dev/fuse is missing
     "cc:gcc"               # -sys crates
     "pkg-config:pkg-config"
+    "protoc:protobuf-compiler" # builds the etcd-client crate (prost/tonic protos)
+    "etcd:etcd-server"     # distributed tests: 3-member etcd cluster on loopback
+    "etcdctl:etcd-client"  # distributed tests: cluster health, raw reads of the store
 )
 
 keyfs_log() {

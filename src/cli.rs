@@ -55,9 +55,9 @@ pub enum Layout {
 /// Subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
-    /// Create a store (directory 0700).
+    /// Create a store (a 0700 directory, or an empty etcd prefix).
     Init {
-        /// Store directory to create.
+        /// Store to create: a directory (made 0700), or etcd://HOST:PORT[,…]/PREFIX.
         store: PathBuf,
         /// Write a fresh master key to FILE (0600) and use it.
         #[arg(long, value_name = "FILE")]
@@ -65,7 +65,7 @@ pub enum Cmd {
     },
     /// Serve the store as a directory tree (foreground; Ctrl-C unmounts).
     Mount {
-        /// Store directory.
+        /// Store: directory or etcd://HOST:PORT[,…]/PREFIX.
         store: PathBuf,
         /// Empty directory to mount on.
         mountpoint: PathBuf,
@@ -95,7 +95,7 @@ pub enum Cmd {
     },
     /// Generate a client's default key set, or the given kinds; rotates existing keys.
     Generate {
-        /// Store directory (omit to work through a mount at ROOT).
+        /// Store: directory or etcd://HOST:PORT[,…]/PREFIX (omit to work through a mount at ROOT).
         #[arg(long)]
         store: Option<PathBuf>,
         /// Mountpoint (without --store).
@@ -112,7 +112,7 @@ pub enum Cmd {
     },
     /// Rotate a key to fresh or supplied material.
     Rotate {
-        /// Store directory (omit to work through a mount).
+        /// Store: directory or etcd://HOST:PORT[,…]/PREFIX (omit to work through a mount).
         #[arg(long)]
         store: Option<PathBuf>,
         /// Tree path (with --store) or file in a mount.
@@ -123,7 +123,7 @@ pub enum Cmd {
     },
     /// Make an archived version current again.
     Rollback {
-        /// Store directory (omit to work through a mount).
+        /// Store: directory or etcd://HOST:PORT[,…]/PREFIX (omit to work through a mount).
         #[arg(long)]
         store: Option<PathBuf>,
         /// Key.
@@ -134,7 +134,7 @@ pub enum Cmd {
     },
     /// Show the inventory.
     List {
-        /// Store directory (omit to work through a mount).
+        /// Store: directory or etcd://HOST:PORT[,…]/PREFIX (omit to work through a mount).
         #[arg(long)]
         store: Option<PathBuf>,
         /// Subtree (tree path with --store, mountpoint or directory otherwise).
@@ -148,7 +148,7 @@ pub enum Cmd {
     },
     /// Print key bytes to stdout.
     Read {
-        /// Store directory (omit to work through a mount).
+        /// Store: directory or etcd://HOST:PORT[,…]/PREFIX (omit to work through a mount).
         #[arg(long)]
         store: Option<PathBuf>,
         /// Key.
@@ -159,7 +159,7 @@ pub enum Cmd {
     },
     /// Destroy a key's current version, or one version.
     Destroy {
-        /// Store directory (omit to work through a mount).
+        /// Store: directory or etcd://HOST:PORT[,…]/PREFIX (omit to work through a mount).
         #[arg(long)]
         store: Option<PathBuf>,
         /// Key.
@@ -170,7 +170,7 @@ pub enum Cmd {
     },
     /// Export keys in a bundle encrypted under a fresh export key.
     Export {
-        /// Store directory.
+        /// Store: directory or etcd://HOST:PORT[,…]/PREFIX.
         #[arg(long)]
         store: Option<PathBuf>,
         /// Subtree.
@@ -187,7 +187,7 @@ pub enum Cmd {
     },
     /// Import a bundle (refuses to overwrite existing keys).
     Import {
-        /// Store directory.
+        /// Store: directory or etcd://HOST:PORT[,…]/PREFIX.
         #[arg(long)]
         store: Option<PathBuf>,
         /// Where to import (default: the paths in the bundle).
@@ -201,7 +201,7 @@ pub enum Cmd {
     },
     /// Rotate the master key: re-wrap every data key.
     Rewrap {
-        /// Store directory.
+        /// Store: directory or etcd://HOST:PORT[,…]/PREFIX.
         #[arg(long)]
         store: PathBuf,
         /// The new master key.
@@ -210,19 +210,19 @@ pub enum Cmd {
     },
     /// Rewrite the store so destroyed material is physically gone.
     Compact {
-        /// Store directory.
+        /// Store: directory or etcd://HOST:PORT[,…]/PREFIX.
         #[arg(long)]
         store: PathBuf,
     },
     /// Verify every record and the audit chain.
     Check {
-        /// Store directory.
+        /// Store: directory or etcd://HOST:PORT[,…]/PREFIX.
         #[arg(long)]
         store: PathBuf,
     },
     /// Print or verify the audit log.
     Audit {
-        /// Store directory.
+        /// Store: directory or etcd://HOST:PORT[,…]/PREFIX.
         #[arg(long)]
         store: PathBuf,
         /// Verify the HMAC chain.

@@ -38,6 +38,13 @@ pub enum Kind {
     Perm,
     /// A record failed authentication or decoding (exit 6, `EIO`).
     Integrity,
+    /// A shared store (etcd) cannot take changes now: unreachable or
+    /// without quorum. Reads go on from the last synchronised state
+    /// (exit 3, `EROFS`).
+    Unavailable,
+    /// Another writer changed what this operation read, again and again:
+    /// nothing was changed (exit 3, `EAGAIN`).
+    Conflict,
 }
 
 impl Kind {
@@ -46,7 +53,7 @@ impl Kind {
         match self {
             Kind::Usage => 1,
             Kind::MasterKey => 2,
-            Kind::Store | Kind::Busy => 3,
+            Kind::Store | Kind::Busy | Kind::Unavailable | Kind::Conflict => 3,
             Kind::NotFound => 4,
             Kind::Exists
             | Kind::NotEmpty
@@ -74,7 +81,8 @@ impl Kind {
             Kind::IsDir => libc::EISDIR,
             Kind::TooBig => libc::EFBIG,
             Kind::NameTooLong => libc::ENAMETOOLONG,
-            Kind::ReadOnly => libc::EROFS,
+            Kind::ReadOnly | Kind::Unavailable => libc::EROFS,
+            Kind::Conflict => libc::EAGAIN,
             Kind::Perm => libc::EPERM,
         }
     }

@@ -235,6 +235,43 @@ impl Core {
         }
     }
 
+    /// Another host changed the shared store: make the kernel forget what
+    /// it cached of the entries concerned (names, attributes, and in
+    /// `--cache` mode the page cache), so the next access sees the change.
+    pub fn remote_changes(&self, changes: &[crate::inventory::Changed]) {
+        use crate::inventory::Changed;
+        let mut v = Vec::new();
+        for c in changes {
+            match c {
+                Changed::Dirent { parent, name } => {
+                    v.extend(self.inval_name(Ino::Node(*parent).raw(), name, &[]));
+                }
+                Changed::Node { id, before, after } => {
+                    let id = *id;
+                    v.push(Inval::Inode(Ino::Node(id).raw()));
+                    v.push(Inval::Inode(Ino::Pub(id).raw()));
+                    v.push(Inval::Inode(Ino::Old(id).raw()));
+                    for n in before.iter().chain(after.iter()) {
+                        v.extend(self.inval_name(Ino::Node(n.parent).raw(), &n.name, &[]));
+                        if let Some(k) = n.key() {
+                            for ver in k.current.iter().chain(k.archived.iter()) {
+                                v.push(Inval::Inode(Ino::Ver(id, ver.ver).raw()));
+                                if ver.archived_at != 0 {
+                                    v.push(Inval::Entry(
+                                        Ino::Old(id).raw(),
+                                        format_ts(ver.archived_at).into_bytes(),
+                                    ));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        v.dedup();
+        self.invalidate(v);
+    }
+
     /// Invalidations for a change to `name` in `parent` (and its history and derived public key).
     fn inval_name(&self, parent: u64, name: &[u8], inos: &[u64]) -> Vec<Inval> {
         let mut v = vec![Inval::Entry(parent, name.to_vec())];
@@ -254,13 +291,12 @@ impl Core {
 
     fn check_rw(&self) -> Result<()> {
         if self.opts.read_only {
-            err(
+            return err(
                 Kind::ReadOnly,
                 "mounted read-only; remount without --read-only to change keys",
-            )
-        } else {
-            Ok(())
+            );
         }
+        self.inv.check_reachable()
     }
 
     fn resolve(&self, raw: u64) -> Result<Ino> {
@@ -1578,6 +1614,12 @@ impl Core {
 
     /// statfs: (blocks, bfree, bavail, files, ffree, bsize).
     pub fn statfs(&self) -> (u64, u64, u64, u64, u64, u32) {
+        if self.inv.is_shared() {
+            // The store is remote: report what it holds, and room to grow.
+            let used = self.inv.size_on_disk().div_ceil(4096);
+            let total = used.max(1) * 2 + 262_144;
+            return (total, total - used, total - used, 1 << 32, 1 << 31, 4096);
+        }
         match crate::sys::statvfs(self.inv.dir()) {
             Some((bsize, blocks, bfree, bavail, files, ffree)) => {
                 (blocks, bfree, bavail, files, ffree, bsize as u32)

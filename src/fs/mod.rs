@@ -87,6 +87,15 @@ pub fn mount(store: &Path, mnt: &Path, master: &MasterKey, opts: MountOptions) -
         Error::new(Kind::Store, format!("cannot mount at {}: {e}; is fuse3 installed and /dev/fuse present? (without root, fusermount3 must be setuid)", mnt.display()))
     })?;
     core.set_invalidator(fuse::spawn_invalidator(session.notifier()));
+    if inv.is_shared() {
+        // Other hosts' changes reach the kernel's caches too.
+        let weak = Arc::downgrade(&core);
+        inv.set_change_listener(Box::new(move |changes| {
+            if let Some(core) = weak.upgrade() {
+                core.remote_changes(changes);
+            }
+        }));
+    }
     let bg = session
         .spawn()
         .map_err(|e| Error::new(Kind::Store, format!("cannot start the FUSE session: {e}")))?;

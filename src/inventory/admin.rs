@@ -634,6 +634,10 @@ impl Inventory {
     /// Master-key rotation: re-wrap every data key and the audit key under
     /// `new`, replace the key-check value — one transaction.
     pub fn rewrap(&self, new: &MasterKey, ctx: &Ctx) -> Result<usize> {
+        self.retrying(|| self.rewrap_once(new, ctx))
+    }
+
+    fn rewrap_once(&self, new: &MasterKey, ctx: &Ctx) -> Result<usize> {
         self.check_rw()?;
         let _l = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let to = StoreKeys::derive(new, &self.store_id);
@@ -690,13 +694,18 @@ impl Inventory {
     /// superseded wrapped keys are physically gone. Consumes the handle.
     pub fn compact(self, ctx: &Ctx) -> Result<(u64, u64)> {
         self.audit_only(&[Rec::ok("compact", "", 0, 0)], ctx, true)?;
+        if let Some(sizes) = self.backend.reclaim()? {
+            return Ok(sizes);
+        }
         let before = dir_size(&self.dir.join("db"));
         let all = self.backend.scan_prefix(b"")?;
         let dir = self.dir.clone();
         // Keep the store locked (a dup of the flocked descriptor) while sled closes.
         let lock = self
             ._lock
-            .try_clone()
+            .as_ref()
+            .map(|l| l.try_clone())
+            .transpose()
             .map_err(|e| Error::new(Kind::Store, format!("cannot keep the store lock: {e}")))?;
         drop(self);
         let tmp = dir.join("db.compact");

@@ -13,8 +13,9 @@ pub mod sealed;
 use crate::crypto::{self, RecordId, Sealed, StoreKeys};
 use crate::error::{err, Error, Kind, Result};
 use crate::secret::{Key32, MasterKey, SecretBytes};
+use crate::store::etcd_backend::{self, EtcdBackend, EtcdUrl};
 use crate::store::sled_backend::SledBackend;
-use crate::store::{Backend, Txn, TxnOutcome};
+use crate::store::{Backend, Change, Txn, TxnOutcome};
 use audit::{Ctx, Head, Rec};
 use kinds::KeyKind;
 use names::{format_ts, history_of, now_ns, parse_ts, validate_component, ClientId};
@@ -24,7 +25,7 @@ use node::{
 };
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 const META_FORMAT: &[u8] = b"m/format";
 const META_STORE_ID: &[u8] = b"m/store_id";
@@ -132,6 +133,37 @@ pub const GLOBAL_KEYS: &[(u64, &str)] = &[
     (node::AUDIT_DIR, "secure_log_key"),
 ];
 
+/// What another writer changed, as the mount needs it to invalidate the
+/// kernel's caches (shared stores only).
+#[derive(Debug, Clone)]
+pub enum Changed {
+    /// A node (key, directory or symlink) changed, appeared or went away.
+    Node {
+        /// Its id.
+        id: u64,
+        /// Before the change.
+        before: Option<Box<Node>>,
+        /// After it.
+        after: Option<Box<Node>>,
+    },
+    /// A name in a directory was added or removed.
+    Dirent {
+        /// The directory's id.
+        parent: u64,
+        /// The name.
+        name: Vec<u8>,
+    },
+}
+
+/// Receives other writers' changes (the mount's kernel-cache invalidation).
+pub type ChangeListener = Box<dyn Fn(&[Changed]) + Send + Sync>;
+
+/// Read audits kept in memory while a shared store is unreachable.
+const MAX_QUEUED_READS: usize = 100_000;
+
+/// Entry ids a process of a shared store reserves at a time.
+const ID_BLOCK: u64 = 256;
+
 /// An open store.
 pub struct Inventory {
     backend: Box<dyn Backend>,
@@ -140,7 +172,11 @@ pub struct Inventory {
     audit_key: Key32,
     store_id: Vec<u8>,
     head: Mutex<Head>,
-    cache: cache::Caches,
+    cache: Arc<cache::Caches>,
+    /// Shared stores: ids reserved for this process, `next..end`.
+    id_block: Mutex<(u64, u64)>,
+    /// Shared stores: who hears of other writers' changes.
+    listener: Arc<Mutex<Option<ChangeListener>>>,
     /// Read audits waiting to be appended (mount mode: batched off the read path).
     pending_reads: Mutex<Vec<(Rec, Ctx, i64)>>,
     async_read_audit: std::sync::atomic::AtomicBool,
@@ -153,7 +189,7 @@ pub struct Inventory {
     writer: Mutex<u64>,
     dir: PathBuf,
     read_only: bool,
-    _lock: std::fs::File,
+    _lock: Option<std::fs::File>,
 }
 
 impl std::fmt::Debug for Inventory {
@@ -231,6 +267,85 @@ fn lock_store(dir: &Path) -> Result<std::fs::File> {
     let pid = std::process::id();
     write!(f, "pid {pid} {}", crate::sys::process_name(pid)).ok();
     Ok(f)
+}
+
+/// The etcd URL `dir` names, if it names one (`etcd://…`).
+fn etcd_url(dir: &Path) -> Result<Option<EtcdUrl>> {
+    match dir.to_str() {
+        Some(s) if etcd_backend::is_url(s) => EtcdUrl::parse(s).map(Some),
+        _ => Ok(None),
+    }
+}
+
+/// Make (or check) an empty 0700 directory for a new sled store.
+fn init_store_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.exists() {
+        let empty = std::fs::read_dir(dir)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false);
+        if !empty {
+            return err(
+                Kind::Exists,
+                format!(
+                    "{} already exists and is not empty; choose a new directory for the store",
+                    dir.display()
+                ),
+            );
+        }
+    } else {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| {
+                store_err(format!(
+                    "cannot create store directory {}: {e}",
+                    dir.display()
+                ))
+            })?;
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| store_err(format!("cannot set mode 0700 on {}: {e}", dir.display())))
+}
+
+/// Another writer's changes: forget what the caches hold of them, then tell the mount.
+fn on_remote(cache: &cache::Caches, listener: &Mutex<Option<ChangeListener>>, changes: &[Change]) {
+    let keys: Vec<crate::store::Write> = changes.iter().map(|c| (c.key.clone(), None)).collect();
+    cache.invalidate(&keys);
+    if changes.iter().any(|c| c.key == META_KCV) {
+        log::error!("the master key of this store was changed on another host (`keyfs rewrap`): this process still has the old one and cannot open keys written from now on; restart it (remount) with the new master key");
+    }
+    let mut out = Vec::new();
+    for c in changes {
+        let k = &c.key;
+        match k.get(..2) {
+            Some(b"n/") if k.len() == 10 => {
+                let id = u64::from_be_bytes(k[2..10].try_into().expect("8 bytes"));
+                let dec = |v: &Option<Vec<u8>>| {
+                    v.as_deref()
+                        .and_then(|b| Node::decode(b).ok())
+                        .map(Box::new)
+                };
+                out.push(Changed::Node {
+                    id,
+                    before: dec(&c.before),
+                    after: dec(&c.after),
+                });
+            }
+            Some(b"d/") if k.len() > 10 => out.push(Changed::Dirent {
+                parent: u64::from_be_bytes(k[2..10].try_into().expect("8 bytes")),
+                name: k[10..].to_vec(),
+            }),
+            _ => {}
+        }
+    }
+    if out.is_empty() {
+        return;
+    }
+    if let Some(l) = listener.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        l(&out);
+    }
 }
 
 fn check_store_dir(dir: &Path) -> Result<()> {
@@ -378,38 +493,29 @@ impl<'a> Work<'a> {
 }
 
 impl Inventory {
-    /// Create a new store in `dir` (made 0700; must be absent or empty).
+    /// Create a new store: in directory `dir` (made 0700; must be absent or
+    /// empty), or under an `etcd://…/PREFIX` URL (the prefix must be empty).
     pub fn init(dir: &Path, master: &MasterKey) -> Result<()> {
-        use std::os::unix::fs::DirBuilderExt;
-        if dir.exists() {
-            let empty = std::fs::read_dir(dir)
-                .map(|mut d| d.next().is_none())
-                .unwrap_or(false);
-            if !empty {
-                return err(
-                    Kind::Exists,
-                    format!(
-                        "{} already exists and is not empty; choose a new directory for the store",
-                        dir.display()
-                    ),
-                );
+        let (backend, lock): (Box<dyn Backend>, _) = match etcd_url(dir)? {
+            Some(u) => {
+                let b = EtcdBackend::open(&u)?;
+                if !b.scan_prefix(b"")?.is_empty() {
+                    return err(
+                        Kind::Exists,
+                        format!(
+                            "{} already holds data (another keyfs store?); choose a new prefix for the store",
+                            u.display()
+                        ),
+                    );
+                }
+                (Box::new(b), None)
             }
-        } else {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(|e| {
-                    store_err(format!(
-                        "cannot create store directory {}: {e}",
-                        dir.display()
-                    ))
-                })?;
-        }
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| store_err(format!("cannot set mode 0700 on {}: {e}", dir.display())))?;
-        let lock = lock_store(dir)?;
-        let backend = SledBackend::open(&dir.join("db"))?;
+            None => {
+                init_store_dir(dir)?;
+                let lock = lock_store(dir)?;
+                (Box::new(SledBackend::open(&dir.join("db"))?), Some(lock))
+            }
+        };
         let mut store_id = vec![0u8; 16];
         crypto::fill_random(&mut store_id);
         let keys = StoreKeys::derive(master, &store_id);
@@ -461,40 +567,103 @@ impl Inventory {
                 id.to_be_bytes().to_vec(),
             );
         }
+        let inv = Inventory::assemble(
+            backend,
+            keys,
+            master,
+            audit_key,
+            store_id,
+            Head {
+                seq: 0,
+                mac: [0; 32],
+            },
+            node::FIRST_FREE_ID,
+            dir,
+            false,
+            lock,
+        );
+        inv.commit(&mut txn, &[Rec::ok("init", "", 0, 0)], &ctx, now, true)
+            .map_err(|e| {
+                if e.kind() == Kind::Conflict {
+                    Error::new(
+                        Kind::Exists,
+                        format!("{}: another `keyfs init` created a store there at the same moment; use that store, or choose a new prefix", dir.display()),
+                    )
+                } else {
+                    e
+                }
+            })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        backend: Box<dyn Backend>,
+        keys: StoreKeys,
+        master: &MasterKey,
+        audit_key: Key32,
+        store_id: Vec<u8>,
+        head: Head,
+        next: u64,
+        dir: &Path,
+        read_only: bool,
+        lock: Option<std::fs::File>,
+    ) -> Inventory {
         let inv = Inventory {
-            backend: Box::new(backend),
+            backend,
             keys,
             master: MasterKey::from_key(Key32::new(*master.0.expose())),
             audit_key,
             store_id,
-            head: Mutex::new(Head {
-                seq: 0,
-                mac: [0; 32],
-            }),
-            writer: Mutex::new(node::FIRST_FREE_ID),
+            head: Mutex::new(head),
+            writer: Mutex::new(next),
             dir: dir.to_path_buf(),
-            read_only: false,
+            read_only,
             _lock: lock,
             cache: Default::default(),
+            id_block: Mutex::new((0, 0)),
+            listener: Default::default(),
             pending_reads: Mutex::new(Vec::new()),
             async_read_audit: Default::default(),
             next_archive: Default::default(),
             destroy_delay: Default::default(),
         };
-        inv.commit(&mut txn, &[Rec::ok("init", "", 0, 0)], &ctx, now, true)
+        if inv.backend.shared() {
+            let cache = inv.cache.clone();
+            let listener = inv.listener.clone();
+            inv.backend.watch(Box::new(move |changes| {
+                on_remote(&cache, &listener, changes)
+            }));
+        }
+        inv
     }
 
     /// Open an existing store with `master`. A wrong key is refused before any record is read.
     pub fn open(dir: &Path, master: &MasterKey, opts: OpenOptions) -> Result<Inventory> {
-        check_store_dir(dir)?;
-        let lock = lock_store(dir)?;
-        if !dir.join("db").exists() {
-            return Err(store_err(format!(
-                "{} is not a keyfs store (no db/); create one with `keyfs init`",
-                dir.display()
-            )));
-        }
-        let backend = SledBackend::open(&dir.join("db"))?;
+        let (backend, lock): (Box<dyn Backend>, _) = match etcd_url(dir)? {
+            Some(u) => {
+                let b = EtcdBackend::open(&u)?;
+                if b.get(META_FORMAT)?.is_none() {
+                    return Err(store_err(format!(
+                        "no keyfs store under {}{}; create one with `keyfs init {}` (or check the prefix)",
+                        u.display(),
+                        if b.scan_prefix(b"")?.is_empty() { "" } else { " (the prefix holds other data)" },
+                        u.display()
+                    )));
+                }
+                (Box::new(b), None)
+            }
+            None => {
+                check_store_dir(dir)?;
+                let lock = lock_store(dir)?;
+                if !dir.join("db").exists() {
+                    return Err(store_err(format!(
+                        "{} is not a keyfs store (no db/); create one with `keyfs init`",
+                        dir.display()
+                    )));
+                }
+                (Box::new(SledBackend::open(&dir.join("db"))?), Some(lock))
+            }
+        };
         let fv = backend.get(META_FORMAT)?.ok_or_else(|| {
             store_err(format!(
                 "{} has a db/ without keyfs metadata: not a keyfs store, or its database is damaged; restore it from a backup (do not run `keyfs init` over it)",
@@ -541,30 +710,25 @@ impl Inventory {
                     "id counter is missing; the store is damaged",
                 )
             })?;
-        let head = Head::load(&backend)?;
+        let head = Head::load(&*backend)?;
         if head.seq == 0 && !backend.scan_prefix(b"a/")?.is_empty() {
             return Err(Error::new(
                 Kind::Integrity,
                 format!("the audit log of {} has entries but its head record is missing (deleted); the store was tampered with — restore the store directory from a backup copy", dir.display()),
             ));
         }
-        let inv = Inventory {
-            backend: Box::new(backend),
+        let inv = Inventory::assemble(
+            backend,
             keys,
-            master: MasterKey::from_key(Key32::new(*master.0.expose())),
+            master,
             audit_key,
             store_id,
-            head: Mutex::new(head),
-            writer: Mutex::new(next),
-            dir: dir.to_path_buf(),
-            read_only: opts.read_only,
-            _lock: lock,
-            cache: Default::default(),
-            pending_reads: Mutex::new(Vec::new()),
-            async_read_audit: Default::default(),
-            next_archive: Default::default(),
-            destroy_delay: Default::default(),
-        };
+            head,
+            next,
+            dir,
+            opts.read_only,
+            lock,
+        );
         // Destructions whose delay passed while nothing had the store open.
         if !inv.read_only {
             inv.purge_expired(&Ctx::this_process())?;
@@ -575,6 +739,26 @@ impl Inventory {
     /// The store directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Does another process or host share this store (etcd)?
+    pub fn is_shared(&self) -> bool {
+        self.backend.shared()
+    }
+
+    /// Bytes the backend holds for this store.
+    pub fn size_on_disk(&self) -> u64 {
+        self.backend.size_on_disk()
+    }
+
+    /// How current this process's view of the store is.
+    pub fn health(&self) -> crate::store::Health {
+        self.backend.health()
+    }
+
+    /// Hear of other writers' changes (after the caches forgot them).
+    pub fn set_change_listener(&self, l: ChangeListener) {
+        *self.listener.lock().unwrap_or_else(|p| p.into_inner()) = Some(l);
     }
 
     /// Is the inventory read-only?
@@ -591,27 +775,101 @@ impl Inventory {
         durable: bool,
     ) -> Result<()> {
         let mut head = self.head.lock().unwrap_or_else(|p| p.into_inner());
-        head.guard(&self.audit_key, txn);
-        let mut h = *head;
+        if self.backend.shared() {
+            // Other hosts append too: start from the head the mirror has.
+            *head = Head::load(&*self.backend)?;
+        }
         let reads =
             std::mem::take(&mut *self.pending_reads.lock().unwrap_or_else(|p| p.into_inner()));
-        for (r, c, t) in &reads {
-            h = h.stage(&self.audit_key, txn, r, c, *t);
-        }
-        for r in recs {
-            h = h.stage(&self.audit_key, txn, r, ctx, now);
-        }
-        match self.backend.transact(txn)? {
-            TxnOutcome::Committed => {
-                *head = h;
-                drop(head);
-                self.cache.invalidate(&txn.writes);
-                if durable {
-                    self.backend.flush()?;
-                }
-                Ok(())
+        // On a shared store another host may append to the audit chain
+        // between our read of its head and our commit: then the change is
+        // re-chained onto the new head, as long as everything else it read
+        // is unchanged.
+        let mut rebases = 0;
+        loop {
+            let mut t = txn.clone();
+            head.guard(&self.audit_key, &mut t);
+            let mut h = *head;
+            for (r, c, ts) in &reads {
+                h = h.stage(&self.audit_key, &mut t, r, c, *ts);
             }
-            TxnOutcome::Conflict => err(Kind::Store, "the store changed while this operation ran (another writer); nothing was changed — retry; if this repeats, the audit chain head was altered: run `keyfs audit --store STORE --verify`"),
+            for r in recs {
+                h = h.stage(&self.audit_key, &mut t, r, ctx, now);
+            }
+            let outcome = match self.backend.transact(&t) {
+                Ok(o) => o,
+                Err(e) => {
+                    self.requeue_reads(reads);
+                    return Err(e);
+                }
+            };
+            match outcome {
+                TxnOutcome::Committed => {
+                    *head = h;
+                    drop(head);
+                    self.cache.invalidate(&t.writes);
+                    *txn = t;
+                    if durable {
+                        self.backend.flush()?;
+                    }
+                    return Ok(());
+                }
+                TxnOutcome::Conflict => {
+                    let now_head = Head::load(&*self.backend)?;
+                    let others_hold = txn
+                        .guards
+                        .iter()
+                        .all(|(k, v)| self.backend.get(k).ok().as_ref() == Some(v));
+                    if self.backend.shared() && now_head != *head && others_hold && rebases < 64 {
+                        *head = now_head;
+                        rebases += 1;
+                        continue;
+                    }
+                    if self.backend.shared() {
+                        *head = now_head;
+                    }
+                    drop(head);
+                    self.requeue_reads(reads);
+                    return err(Kind::Conflict, "the store changed while this operation ran (another writer changed what it read); nothing was changed — retry; if this repeats on a store only this process writes, the audit chain head was altered: run `keyfs audit --store STORE --verify`");
+                }
+            }
+        }
+    }
+
+    /// Put read audits back in the queue after a failed commit.
+    fn requeue_reads(&self, reads: Vec<(Rec, Ctx, i64)>) {
+        if reads.is_empty() {
+            return;
+        }
+        let mut q = self.pending_reads.lock().unwrap_or_else(|p| p.into_inner());
+        let later = std::mem::replace(&mut *q, reads);
+        q.extend(later);
+    }
+
+    /// Run a change, retrying it when another writer of a shared store
+    /// changed what it read (each attempt re-reads everything).
+    fn retrying<T>(&self, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+        let mut attempt = 0u32;
+        loop {
+            match f() {
+                Err(e) if e.kind() == Kind::Conflict && self.backend.shared() && attempt < 24 => {
+                    attempt += 1;
+                    // Jittered backoff so two hosts do not collide in step.
+                    let cap = 1u64 << attempt.min(6);
+                    let mut r = [0u8; 1];
+                    crypto::fill_random(&mut r);
+                    std::thread::sleep(std::time::Duration::from_micros(
+                        (u64::from(r[0]) * cap * 1000) / 256,
+                    ));
+                }
+                Err(e) if e.kind() == Kind::Conflict && attempt > 0 => {
+                    return Err(Error::new(
+                        Kind::Conflict,
+                        format!("other hosts kept changing the same entries ({} attempts); nothing was changed — retry", attempt + 1),
+                    ))
+                }
+                r => return r,
+            }
         }
     }
 
@@ -632,6 +890,10 @@ impl Inventory {
         {
             return Ok(());
         }
+        if !self.backend.health().reachable {
+            // Kept queued until the cluster is back.
+            return Ok(());
+        }
         let ctx = Ctx::this_process();
         // Durable: a crash loses at most the reads of the last batch interval.
         self.commit(&mut Txn::default(), &[], &ctx, now_ns(), true)
@@ -645,10 +907,16 @@ impl Inventory {
             .async_read_audit
             .load(std::sync::atomic::Ordering::Acquire)
         {
-            self.pending_reads
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push((rec, ctx.clone(), now_ns()));
+            let mut q = self.pending_reads.lock().unwrap_or_else(|p| p.into_inner());
+            if q.len() >= MAX_QUEUED_READS {
+                // Only while a shared store is unreachable for a long time.
+                if q.len() == MAX_QUEUED_READS {
+                    log::error!("{MAX_QUEUED_READS} read audit records are waiting for the store to be reachable again; further reads are served but not audited until it is");
+                    q.push((Rec::ok("audit-gap", "", 0, 0), ctx.clone(), now_ns()));
+                }
+                return Ok(());
+            }
+            q.push((rec, ctx.clone(), now_ns()));
             return Ok(());
         }
         self.audit_only(&[rec], ctx, false)
@@ -665,13 +933,33 @@ impl Inventory {
 
     fn check_rw(&self) -> Result<()> {
         if self.read_only {
-            err(
+            return err(
                 Kind::ReadOnly,
                 "the store is mounted read-only; remount without --read-only to change keys",
-            )
-        } else {
-            Ok(())
+            );
         }
+        self.check_reachable()
+    }
+
+    /// A shared store that cannot be reached refuses changes at once
+    /// (instead of after a timeout), and says why.
+    pub fn check_reachable(&self) -> Result<()> {
+        if !self.backend.shared() {
+            return Ok(());
+        }
+        let h = self.backend.health();
+        if h.reachable {
+            return Ok(());
+        }
+        err(
+            Kind::Unavailable,
+            format!(
+                "{} is unreachable or has no quorum ({}): changes are refused and nothing was changed; reads are served from the state synchronised {} ms ago; bring the etcd members back (docs/DISTRIBUTED.md) and retry",
+                self.dir.display(),
+                h.error,
+                h.lag_ms
+            ),
+        )
     }
 
     fn work<'a>(&'a self, ctx: &'a Ctx) -> Work<'a> {
@@ -686,12 +974,57 @@ impl Inventory {
     }
 
     fn alloc_id(&self, next: &mut u64, txn: &mut Txn) -> Result<u64> {
+        if self.backend.shared() {
+            return self.alloc_shared_id();
+        }
         let id = *next;
         if id >= node::MAX_ID {
             return err(Kind::Store, "the store has run out of entry ids");
         }
         *next += 1;
         txn.put(META_NEXT_ID.to_vec(), next.to_be_bytes().to_vec());
+        Ok(id)
+    }
+
+    /// On a shared store each process reserves a block of ids in a
+    /// transaction of its own (guarded by the counter), so that two hosts
+    /// never hand out the same id and ordinary changes never contend on
+    /// the counter. Ids of a block left unused are simply skipped.
+    fn alloc_shared_id(&self) -> Result<u64> {
+        let mut b = self.id_block.lock().unwrap_or_else(|p| p.into_inner());
+        if b.0 >= b.1 {
+            for _ in 0..64 {
+                let cur = self.backend.get(META_NEXT_ID)?;
+                let start = cur
+                    .as_deref()
+                    .and_then(|v| v.try_into().ok().map(u64::from_be_bytes))
+                    .ok_or_else(|| {
+                        Error::new(
+                            Kind::Integrity,
+                            "id counter is missing; the store is damaged",
+                        )
+                    })?;
+                let end = start + ID_BLOCK;
+                if end > node::MAX_ID {
+                    return err(Kind::Store, "the store has run out of entry ids");
+                }
+                let mut t = Txn::default();
+                t.guard(META_NEXT_ID.to_vec(), cur);
+                t.put(META_NEXT_ID.to_vec(), end.to_be_bytes().to_vec());
+                if self.backend.transact(&t)? == TxnOutcome::Committed {
+                    *b = (start, end);
+                    break;
+                }
+            }
+            if b.0 >= b.1 {
+                return err(
+                    Kind::Conflict,
+                    "other hosts kept reserving entry ids at the same moment; nothing was changed — retry",
+                );
+            }
+        }
+        let id = b.0;
+        b.0 += 1;
         Ok(id)
     }
 
@@ -1322,20 +1655,28 @@ impl Inventory {
             .scan_prefix(&dirent_prefix(node::CLIENTS))?
             .len();
         let head = *self.head.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(serde_json::json!({
+        let h = self.backend.health();
+        let mut j = serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
             "format": crypto::FORMAT_VERSION,
             "store": self.dir.display().to_string(),
-            "backend": "sled",
+            "backend": h.backend,
             "read_only": self.read_only,
             "clients": clients,
             "directories": dirs,
             "keys": keys,
             "versions": versions,
             "audit_entries": head.seq,
-        })
-        .to_string()
-            + "\n")
+        });
+        if self.backend.shared() {
+            // How current what this host serves is: `synced` false means the
+            // cluster cannot be reached (or has no quorum) and reads come
+            // from the state of `lag_ms` ago; changes are refused meanwhile.
+            j["synced"] = h.synced.into();
+            j["lag_ms"] = h.lag_ms.into();
+            j["revision"] = h.revision.into();
+        }
+        Ok(j.to_string() + "\n")
     }
 
     // ----- changing -----
@@ -1445,6 +1786,17 @@ impl Inventory {
     /// path (and, in `<key>.old/`, to this archive instant); its material is
     /// then imported as by [`write_new`](Self::write_new).
     pub fn import_sealed(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        bytes: &[u8],
+        attrs: NewAttrs,
+        ctx: &Ctx,
+    ) -> Result<Ino> {
+        self.retrying(|| self.import_sealed_once(parent, name, bytes, attrs, ctx))
+    }
+
+    fn import_sealed_once(
         &self,
         parent: Ino,
         name: &[u8],
@@ -1588,6 +1940,18 @@ impl Inventory {
         time: Option<i64>,
         ctx: &Ctx,
     ) -> Result<Ino> {
+        self.retrying(|| self.write_new_at_once(parent, name, data, attrs, time, ctx))
+    }
+
+    fn write_new_at_once(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        data: &SecretBytes,
+        attrs: NewAttrs,
+        time: Option<i64>,
+        ctx: &Ctx,
+    ) -> Result<Ino> {
         self.check_rw()?;
         let mut next = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         match parent {
@@ -1702,6 +2066,10 @@ impl Inventory {
 
     /// Replace the content of an existing file inode (rotation at close).
     pub fn write_existing(&self, ino: Ino, data: &SecretBytes, ctx: &Ctx) -> Result<Ino> {
+        self.retrying(|| self.write_existing_once(ino, data, ctx))
+    }
+
+    fn write_existing_once(&self, ino: Ino, data: &SecretBytes, ctx: &Ctx) -> Result<Ino> {
         self.check_rw()?;
         let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         match ino {
@@ -1834,6 +2202,10 @@ impl Inventory {
     /// Destroy every pending version whose delay has passed (also when it
     /// passed while nothing was mounted). Returns how many were destroyed.
     pub fn purge_expired(&self, ctx: &Ctx) -> Result<usize> {
+        self.retrying(|| self.purge_expired_once(ctx))
+    }
+
+    fn purge_expired_once(&self, ctx: &Ctx) -> Result<usize> {
         if self.read_only {
             return Ok(0);
         }
@@ -1921,6 +2293,16 @@ impl Inventory {
         data: &SecretBytes,
         ctx: &Ctx,
     ) -> Result<bool> {
+        self.retrying(|| self.replace_empty_current_once(id, ver, data, ctx))
+    }
+
+    fn replace_empty_current_once(
+        &self,
+        id: u64,
+        ver: u32,
+        data: &SecretBytes,
+        ctx: &Ctx,
+    ) -> Result<bool> {
         self.check_rw()?;
         let _l = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let mut w = self.work(ctx);
@@ -1961,6 +2343,10 @@ impl Inventory {
     /// current again; a key that had no other version disappears). Used when
     /// that open file then fails, so a refused write leaves the key as it was.
     pub fn undo_empty_current(&self, id: u64, ver: u32, ctx: &Ctx) -> Result<()> {
+        self.retrying(|| self.undo_empty_current_once(id, ver, ctx))
+    }
+
+    fn undo_empty_current_once(&self, id: u64, ver: u32, ctx: &Ctx) -> Result<()> {
         self.check_rw()?;
         let _l = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let mut w = self.work(ctx);
@@ -1990,6 +2376,10 @@ impl Inventory {
 
     /// Rotate a key to fresh material of its kind (CLI `rotate` without `--from`).
     pub fn rotate_fresh(&self, id: u64, ctx: &Ctx) -> Result<u32> {
+        self.retrying(|| self.rotate_fresh_once(id, ctx))
+    }
+
+    fn rotate_fresh_once(&self, id: u64, ctx: &Ctx) -> Result<u32> {
         self.check_rw()?;
         let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let n = self.node(id)?;
@@ -2093,6 +2483,10 @@ impl Inventory {
 
     /// Make archived version `ver` of key `id` current; the displaced current is archived.
     pub fn rollback(&self, id: u64, ver: u32, ctx: &Ctx) -> Result<()> {
+        self.retrying(|| self.rollback_once(id, ver, ctx))
+    }
+
+    fn rollback_once(&self, id: u64, ver: u32, ctx: &Ctx) -> Result<()> {
         self.check_rw()?;
         let _l = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let mut w = self.work(ctx);
@@ -2139,6 +2533,17 @@ impl Inventory {
     /// with `generate`, the default key set is generated in the same change.
     /// `<key>.old` makes an (empty) history directory for restores.
     pub fn mkdir(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        attrs: NewAttrs,
+        generate: bool,
+        ctx: &Ctx,
+    ) -> Result<Ino> {
+        self.retrying(|| self.mkdir_once(parent, name, attrs, generate, ctx))
+    }
+
+    fn mkdir_once(
         &self,
         parent: Ino,
         name: &[u8],
@@ -2298,6 +2703,10 @@ impl Inventory {
 
     /// Generate keys `names` in directory `dir` (rotating those that exist), in one change.
     pub fn generate(&self, dir: u64, names: &[&str], ctx: &Ctx) -> Result<()> {
+        self.retrying(|| self.generate_once(dir, names, ctx))
+    }
+
+    fn generate_once(&self, dir: u64, names: &[&str], ctx: &Ctx) -> Result<()> {
         self.check_rw()?;
         let mut next = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let d = self.node(dir)?;
@@ -2377,6 +2786,10 @@ impl Inventory {
 
     /// Remove an empty directory (or an empty `<key>.old`).
     pub fn rmdir(&self, parent: Ino, name: &[u8], ctx: &Ctx) -> Result<()> {
+        self.retrying(|| self.rmdir_once(parent, name, ctx))
+    }
+
+    fn rmdir_once(&self, parent: Ino, name: &[u8], ctx: &Ctx) -> Result<()> {
         self.check_rw()?;
         let _l = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let target = self.lookup(parent, name)?;
@@ -2448,6 +2861,10 @@ impl Inventory {
     /// Unlink: destroy a key's current version, an archived version, a symlink;
     /// hide a derived public key.
     pub fn unlink(&self, parent: Ino, name: &[u8], ctx: &Ctx) -> Result<()> {
+        self.retrying(|| self.unlink_once(parent, name, ctx))
+    }
+
+    fn unlink_once(&self, parent: Ino, name: &[u8], ctx: &Ctx) -> Result<()> {
         self.check_rw()?;
         let mut next = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let target = self.lookup(parent, name)?;
@@ -2589,6 +3006,18 @@ impl Inventory {
     /// (`<key>.old/<ts>` over its key), or the import of a key's current
     /// material as an archived version (file into `<key>.old/<ts>`).
     pub fn rename(
+        &self,
+        p1: Ino,
+        n1: &[u8],
+        p2: Ino,
+        n2: &[u8],
+        noreplace: bool,
+        ctx: &Ctx,
+    ) -> Result<()> {
+        self.retrying(|| self.rename_once(p1, n1, p2, n2, noreplace, ctx))
+    }
+
+    fn rename_once(
         &self,
         p1: Ino,
         n1: &[u8],
@@ -2940,6 +3369,17 @@ impl Inventory {
         attrs: NewAttrs,
         ctx: &Ctx,
     ) -> Result<Ino> {
+        self.retrying(|| self.symlink_once(parent, name, target, attrs, ctx))
+    }
+
+    fn symlink_once(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        target: &[u8],
+        attrs: NewAttrs,
+        ctx: &Ctx,
+    ) -> Result<Ino> {
         self.check_rw()?;
         let mut next = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let Ino::Node(pid) = parent else {
@@ -2991,6 +3431,10 @@ impl Inventory {
 
     /// chmod / chown / utimens.
     pub fn setattr(&self, ino: Ino, s: SetAttr, ctx: &Ctx) -> Result<Attr> {
+        self.retrying(|| self.setattr_once(ino, s, ctx))
+    }
+
+    fn setattr_once(&self, ino: Ino, s: SetAttr, ctx: &Ctx) -> Result<Attr> {
         let cur = self.attr(ino)?;
         match ino {
             Ino::Node(id) => {

@@ -2427,3 +2427,65 @@ fn usage_errors_exit_1_and_help_exits_0() {
     let v = run_args(&["--version"]).ok().text();
     assert!(v.starts_with("keyfs "), "{v}");
 }
+
+/// A store URL that is not one is refused before anything is contacted, and
+/// says what a valid URL looks like (exit 1).
+#[test]
+fn etcd_store_urls_that_are_not_valid_are_refused_with_the_valid_form() {
+    let e = Env::uninit();
+    for (url, phrase) in [
+        ("etcd://127.0.0.1:2379", "names no prefix"),
+        ("etcd://127.0.0.1/p", "is not HOST:PORT"),
+        ("etcd://127.0.0.1:2379/a//b", "must be non-empty"),
+        ("etcd://127.0.0.1:2379/p?foo=1", "unknown option"),
+        (
+            "etcd://127.0.0.1:2379/p?cert=/x.pem",
+            "needs both cert= and key=",
+        ),
+    ] {
+        e.bare(&["init", url])
+            .fails(1, &[phrase, "etcd://HOST:PORT"]);
+        e.bare(&["list", "--store", url])
+            .fails(1, &[phrase, "etcd://HOST:PORT"]);
+    }
+    // A TLS file that cannot be read is named.
+    e.bare(&[
+        "list",
+        "--store",
+        "etcd://127.0.0.1:2379/p?cacert=/nonexistent/ca.pem",
+    ])
+    .fails(
+        1,
+        &["/nonexistent/ca.pem", "check the path in the store URL"],
+    );
+}
+
+/// No member answers: the command fails at once with a store error (exit 3)
+/// that names the cluster and the next step; nothing is created locally.
+#[test]
+fn etcd_store_that_cannot_be_reached_is_a_store_error() {
+    let e = Env::uninit();
+    // Port 1 on loopback: connection refused, immediately.
+    let url = "etcd://127.0.0.1:1,127.0.0.1:2/p";
+    e.bare(&["list", "--store", url]).fails(
+        3,
+        &[
+            "etcd cluster etcd://127.0.0.1:1,127.0.0.1:2/p is unreachable or has no quorum",
+            "check that its members run",
+        ],
+    );
+    let key = e.path("fresh.key");
+    let out = run(
+        {
+            let mut c = e.cmd();
+            c.args(["init", url, "--generate-master-key", key.to_str().unwrap()]);
+            c
+        },
+        None,
+    );
+    out.fails(3, &["is unreachable or has no quorum"]);
+    assert!(
+        !key.exists(),
+        "a master key made for a store that was never created was left behind"
+    );
+}

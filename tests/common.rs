@@ -790,3 +790,438 @@ impl Mounted {
             .unwrap_or_else(|e| panic!("list --json is not JSON ({e}):\n{}", o.text()))
     }
 }
+
+// ---------------------------------------------------------------------------
+// Added for tests/distributed.rs
+// ---------------------------------------------------------------------------
+
+impl Mounted {
+    /// A guard for a mount of an EXISTING store named by `store` (a directory
+    /// or an `etcd://HOST:PORT,…/PREFIX` URL), with the master key of the file
+    /// `master_key`. Nothing is initialised (no `keyfs init`): use it for a
+    /// second "host" of a store that another guard (or the test) created. The
+    /// key file is copied (0600) into this guard's own temp dir, so guards can
+    /// be dropped in any order. Not mounted yet: call [`Mounted::mount`].
+    #[track_caller]
+    pub fn unmounted_on(store: &str, master_key: &Path) -> Mounted {
+        use std::os::unix::fs::PermissionsExt;
+        require_root_and_fuse();
+        let dir = tempdir();
+        let mnt = dir.path().join("mnt");
+        let mk = dir.path().join("master.key");
+        let log = dir.path().join("daemon.log");
+        std::fs::create_dir(&mnt).unwrap();
+        std::fs::copy(master_key, &mk).expect("copying the master key file");
+        std::fs::set_permissions(&mk, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Mounted {
+            dir,
+            store: PathBuf::from(store),
+            mnt,
+            master_key: mk,
+            log,
+            opts: Vec::new(),
+            child: None,
+        }
+    }
+
+    /// [`Mounted::unmounted_on`], then mounted with `opts`.
+    #[track_caller]
+    pub fn new_on(store: &str, master_key: &Path, opts: &[&str]) -> Mounted {
+        let mut m = Mounted::unmounted_on(store, master_key);
+        m.mount(opts);
+        m
+    }
+}
+
+/// Members of an [`EtcdCluster`].
+pub const ETCD_MEMBERS: usize = 3;
+/// How long a (re)started cluster may take to report every member healthy.
+pub const ETCD_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Loopback ports for etcd members: consecutive ports from a random base
+/// below the kernel's ephemeral range (so that no client connection of this
+/// machine can be holding one), never the same port twice in this process,
+/// and only ports that can be bound right now. Another process may still
+/// take one before etcd binds it: [`EtcdCluster::new`] retries with fresh
+/// ports when a member reports "address already in use".
+fn etcd_free_ports(n: usize) -> Vec<u16> {
+    use std::sync::Mutex;
+    static NEXT: Mutex<Option<u32>> = Mutex::new(None);
+    const LO: u32 = 20_000;
+    // The ephemeral range is 32768-60999 on Linux by default.
+    let hi: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .filter(|lo| *lo > LO + 2_000)
+        .unwrap_or(32_768)
+        - 1;
+    let mut next = NEXT.lock().unwrap_or_else(|e| e.into_inner());
+    let mut p = next.unwrap_or_else(|| {
+        let mut r = [0u8; 4];
+        getrandom::getrandom(&mut r).expect("getrandom");
+        LO + u32::from_le_bytes(r) % (hi - LO)
+    });
+    let mut out = Vec::with_capacity(n);
+    let mut tries = 0;
+    while out.len() < n {
+        tries += 1;
+        assert!(tries < 10_000, "no free loopback ports for etcd");
+        if p > hi {
+            p = LO;
+        }
+        let port = p as u16;
+        p += 1;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            out.push(port);
+        }
+    }
+    *next = Some(p);
+    out
+}
+
+/// A 3-member etcd cluster (etcd 3.4, `/usr/bin/etcd` from Debian's
+/// `etcd-server`) on 127.0.0.1 with free ports, each member with its own data
+/// dir and log file in a temp dir. Elections are fast (heartbeat 50 ms,
+/// election timeout 500 ms) and requests may be large (`--max-txn-ops 10000`,
+/// `--max-request-bytes 10485760`).
+///
+/// Dropping it ALWAYS kills (SIGKILL) and reaps every member — also when the
+/// test panics (then the tail of each member's log is printed). As a second
+/// net, members are started with `PR_SET_PDEATHSIG` = SIGKILL, so they die
+/// with the test thread that started them even if no destructor runs (a
+/// killed test binary): start and restart members from the thread that owns
+/// the guard (the test's own thread), not from a short-lived helper thread.
+pub struct EtcdCluster {
+    /// Data dirs (`m0.etcd`…), logs (`m0.log`…); removed after the members died.
+    pub dir: tempfile::TempDir,
+    /// Client port of each member (`http://127.0.0.1:PORT`).
+    pub client_ports: Vec<u16>,
+    /// Peer (Raft) port of each member.
+    pub peer_ports: Vec<u16>,
+    /// `--initial-cluster-token`, unique per cluster.
+    pub token: String,
+    members: Vec<Option<Child>>,
+}
+
+// No Default: constructing one starts three processes.
+#[allow(clippy::new_without_default)]
+impl EtcdCluster {
+    /// Start a new cluster and wait until `etcdctl endpoint health` reports
+    /// every member healthy (panics with the members' logs otherwise). Tries
+    /// again with other ports when one was taken meanwhile.
+    #[track_caller]
+    pub fn new() -> EtcdCluster {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut c = EtcdCluster::spawn_new();
+            match c.wait_healthy_for(ETCD_START_TIMEOUT) {
+                Ok(()) => return c,
+                Err(why) => {
+                    let logs = c.logs();
+                    c.kill_all();
+                    if attempt < 3 && logs.contains("address already in use") {
+                        eprintln!("etcd: a port was taken ({why}); retrying with other ports");
+                        continue;
+                    }
+                    panic!("etcd cluster did not become healthy: {why}\n{logs}");
+                }
+            }
+        }
+    }
+
+    fn spawn_new() -> EtcdCluster {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let dir = tempdir();
+        let ports = etcd_free_ports(2 * ETCD_MEMBERS);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let token = format!(
+            "keyfs-test-{}-{nanos}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut c = EtcdCluster {
+            dir,
+            client_ports: ports[..ETCD_MEMBERS].to_vec(),
+            peer_ports: ports[ETCD_MEMBERS..].to_vec(),
+            token,
+            members: (0..ETCD_MEMBERS).map(|_| None).collect(),
+        };
+        for i in 0..ETCD_MEMBERS {
+            c.spawn_member(i, "new");
+        }
+        c
+    }
+
+    /// `m0=http://127.0.0.1:P0,m1=…,m2=…`.
+    fn initial_cluster(&self) -> String {
+        self.peer_ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("m{i}=http://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Member `i`'s log file.
+    pub fn log_path(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("m{i}.log"))
+    }
+
+    /// Member `i`'s data dir.
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("m{i}.etcd"))
+    }
+
+    fn spawn_member(&mut self, i: usize, state: &str) {
+        use std::os::unix::process::CommandExt;
+        assert!(self.members[i].is_none(), "etcd member m{i} is running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(i))
+            .unwrap();
+        let client = format!("http://127.0.0.1:{}", self.client_ports[i]);
+        let peer = format!("http://127.0.0.1:{}", self.peer_ports[i]);
+        let mut c = Command::new("etcd");
+        c.arg("--name")
+            .arg(format!("m{i}"))
+            .arg("--data-dir")
+            .arg(self.data_dir(i))
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &self.initial_cluster()])
+            .args(["--initial-cluster-state", state])
+            .args(["--initial-cluster-token", &self.token])
+            .args(["--max-txn-ops", "10000"])
+            .args(["--max-request-bytes", "10485760"])
+            .args(["--heartbeat-interval", "50"])
+            .args(["--election-timeout", "500"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        // Only our flags: no ETCD_* settings from the environment.
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("ETCD") {
+                c.env_remove(k);
+            }
+        }
+        if std::env::consts::ARCH == "aarch64" {
+            c.env("ETCD_UNSUPPORTED_ARCH", "arm64");
+        }
+        // SAFETY: prctl(2) is async-signal-safe; nothing else runs between
+        // fork and exec.
+        unsafe {
+            c.pre_exec(|| {
+                libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                );
+                Ok(())
+            });
+        }
+        let child = c.spawn().unwrap_or_else(|e| {
+            panic!("cannot run etcd: {e} (install etcd-server: scripts/setup.sh)")
+        });
+        self.members[i] = Some(child);
+    }
+
+    /// `127.0.0.1:C` of member `i`.
+    pub fn endpoint(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", self.client_ports[i])
+    }
+
+    /// `127.0.0.1:C0,127.0.0.1:C1,127.0.0.1:C2` (the host part of a store URL,
+    /// and etcdctl's `--endpoints`).
+    pub fn endpoints_url_part(&self) -> String {
+        (0..ETCD_MEMBERS)
+            .map(|i| self.endpoint(i))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// `etcd://127.0.0.1:C0,127.0.0.1:C1,127.0.0.1:C2/PREFIX`.
+    pub fn store_url(&self, prefix: &str) -> String {
+        format!("etcd://{}/{prefix}", self.endpoints_url_part())
+    }
+
+    /// Run `etcdctl --endpoints=ALL --dial-timeout=2s --command-timeout=5s
+    /// args…` (API v3). Later `--dial-timeout`/`--command-timeout` flags in
+    /// `args` override these (not `--endpoints`, which would be appended to
+    /// the list: use [`EtcdCluster::etcdctl_on`] for one member).
+    pub fn etcdctl<S: AsRef<OsStr>>(&self, args: &[S]) -> Out {
+        self.etcdctl_endpoints(&self.endpoints_url_part(), args)
+    }
+
+    /// [`EtcdCluster::etcdctl`] talking to member `i` only.
+    pub fn etcdctl_on<S: AsRef<OsStr>>(&self, i: usize, args: &[S]) -> Out {
+        self.etcdctl_endpoints(&self.endpoint(i), args)
+    }
+
+    fn etcdctl_endpoints<S: AsRef<OsStr>>(&self, endpoints: &str, args: &[S]) -> Out {
+        let eps = format!("--endpoints={endpoints}");
+        let mut a: Vec<&OsStr> = vec![
+            OsStr::new(&eps),
+            OsStr::new("--dial-timeout=2s"),
+            OsStr::new("--command-timeout=5s"),
+        ];
+        a.extend(args.iter().map(|s| s.as_ref()));
+        run_env(
+            "etcdctl",
+            &a,
+            &[("ETCDCTL_API", OsStr::new("3"))],
+            Duration::from_secs(30),
+        )
+    }
+
+    /// True while member `i`'s process runs.
+    pub fn is_running(&mut self, i: usize) -> bool {
+        match self.members[i].as_mut() {
+            None => false,
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+        }
+    }
+
+    /// Pid of member `i`, if started.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.members[i].as_ref().map(|c| c.id())
+    }
+
+    /// The index of the current leader (`etcdctl endpoint status`), if the
+    /// members that answer agree on one.
+    pub fn leader(&self) -> Option<usize> {
+        let o = self.etcdctl(&["endpoint", "status", "-w", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+        v.as_array()?.iter().find_map(|e| {
+            let st = &e["Status"];
+            let me = st["header"]["member_id"].as_u64()?;
+            if st["leader"].as_u64()? != me {
+                return None;
+            }
+            let ep = e["Endpoint"].as_str()?;
+            (0..ETCD_MEMBERS).find(|i| self.endpoint(*i) == ep)
+        })
+    }
+
+    /// SIGKILL member `i` and reap it (a crash: its data dir stays).
+    #[track_caller]
+    pub fn kill(&mut self, i: usize) {
+        let mut c = self.members[i]
+            .take()
+            .unwrap_or_else(|| panic!("etcd member m{i} is not running"));
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+
+    /// Start member `i` again with its data dir (`--initial-cluster-state
+    /// existing`). Does not wait: a member alone has no quorum; use
+    /// [`EtcdCluster::wait_healthy`] once enough members run.
+    #[track_caller]
+    pub fn start(&mut self, i: usize) {
+        self.spawn_member(i, "existing");
+    }
+
+    /// Stop every running member and reap them. A crash-stop (SIGKILL): for
+    /// the mounts it is the same outage as a clean stop, etcd recovers from
+    /// its fsynced WAL either way, and a graceful stop of a whole cluster
+    /// takes seconds (leadership transfer attempts without quorum).
+    pub fn stop_all(&mut self) {
+        self.kill_all();
+    }
+
+    /// Start every member that is not running, and wait until all are healthy.
+    #[track_caller]
+    pub fn start_all(&mut self) {
+        for i in 0..ETCD_MEMBERS {
+            if !self.is_running(i) {
+                self.members[i] = None;
+                self.start(i);
+            }
+        }
+        self.wait_healthy();
+    }
+
+    /// Wait until every member is healthy (panics with the logs otherwise).
+    #[track_caller]
+    pub fn wait_healthy(&mut self) {
+        if let Err(why) = self.wait_healthy_for(ETCD_START_TIMEOUT) {
+            panic!(
+                "etcd cluster did not become healthy: {why}\n{}",
+                self.logs()
+            );
+        }
+    }
+
+    fn wait_healthy_for(&mut self, timeout: Duration) -> Result<(), String> {
+        let start = Instant::now();
+        loop {
+            for i in 0..ETCD_MEMBERS {
+                if let Some(c) = self.members[i].as_mut() {
+                    if let Ok(Some(st)) = c.try_wait() {
+                        return Err(format!("member m{i} exited ({st})"));
+                    }
+                }
+            }
+            let o = self.etcdctl(&["endpoint", "health"]);
+            if o.ok() {
+                return Ok(());
+            }
+            if start.elapsed() > timeout {
+                return Err(format!(
+                    "not healthy within {timeout:?}: {}{}",
+                    o.text(),
+                    o.stderr
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The last 25 lines of every member's log.
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for i in 0..ETCD_MEMBERS {
+            let text = std::fs::read_to_string(self.log_path(i))
+                .unwrap_or_else(|e| format!("(no log: {e})"));
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(25)..];
+            s.push_str(&format!(
+                "--- etcd m{i} log ({}), last {} lines ---\n{}\n",
+                self.log_path(i).display(),
+                tail.len(),
+                tail.join("\n")
+            ));
+        }
+        s
+    }
+
+    /// SIGKILL every member at once, then reap them.
+    fn kill_all(&mut self) {
+        for c in self.members.iter_mut().flatten() {
+            let _ = c.kill();
+        }
+        for slot in self.members.iter_mut() {
+            if let Some(mut c) = slot.take() {
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        self.kill_all();
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+    }
+}

@@ -4,6 +4,7 @@
 mod backup;
 mod cli;
 mod common;
+mod distributed;
 mod fuzz_regressions;
 mod messages;
 mod model;

@@ -26,6 +26,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const HEARTBEAT: Duration = Duration::from_millis(500);
 /// The mirror counts as synchronised while confirmed within this long.
 const SYNC_WINDOW: Duration = Duration::from_secs(2);
+/// How long a change waits out an outage (an election takes about a second)
+/// before it is refused; once an outage is older, changes are refused at once.
+const GRACE: Duration = Duration::from_secs(5);
 /// Records per page when loading the prefix.
 const PAGE: i64 = 500;
 /// Largest gRPC message accepted (a page of up to 500 sealed 64 KiB keys).
@@ -158,6 +161,8 @@ struct Mirror {
     confirm: Option<(i64, Instant)>,
     /// Why the last request failed (for logs and errors).
     last_error: String,
+    /// Since when the cluster has been unreachable.
+    down_since: Option<Instant>,
 }
 
 struct Shared {
@@ -283,9 +288,17 @@ impl Shared {
             );
         }
         m.reachable = ok;
-        if !ok {
+        if ok {
+            m.down_since = None;
+        } else {
             m.last_error = why.to_string();
+            m.down_since.get_or_insert_with(Instant::now);
         }
+    }
+
+    /// How long the cluster has been unreachable (`None`: it is reachable).
+    fn outage(&self) -> Option<Duration> {
+        self.lock().down_since.map(|t| t.elapsed())
     }
 
     /// Wait until the mirror has reached `rev` (or `timeout` passed).
@@ -558,6 +571,7 @@ impl EtcdBackend {
                 reachable: true,
                 confirm: None,
                 last_error: String::new(),
+                down_since: None,
             }),
             moved: Condvar::new(),
             listener: Mutex::new(None),
@@ -585,6 +599,85 @@ impl EtcdBackend {
     fn key(&self, k: &[u8]) -> Vec<u8> {
         [self.shared.prefix.as_slice(), k].concat()
     }
+
+    /// Ask the cluster now whether it has a quorum (a linearizable read).
+    fn probe(&self) -> bool {
+        let probe = self.key(b"m/format");
+        // The timer must be made inside the runtime (it needs its reactor).
+        let r = self.rt.block_on(async {
+            tokio::time::timeout(
+                REQUEST_TIMEOUT,
+                self.pool.run(is_transport, |c| {
+                    let probe = probe.clone();
+                    async move {
+                        c.kv_client()
+                            .get(probe, Some(ec::GetOptions::new().with_count_only()))
+                            .await
+                    }
+                }),
+            )
+            .await
+        });
+        match r {
+            Ok(Ok(_)) => {
+                self.shared.set_reachable(true, "");
+                true
+            }
+            Ok(Err(e)) => {
+                self.shared.set_reachable(false, &brief(&e));
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// A transaction's answer was lost: read every key it names, at one
+    /// revision, to learn whether it was applied. Its audit-head write makes
+    /// every transaction's writes unique, and its guards mean that of two
+    /// copies of it at most one can ever apply.
+    fn fate(
+        &self,
+        guards: &HashMap<&[u8], Option<&[u8]>>,
+        writes: &HashMap<&[u8], Option<&[u8]>>,
+    ) -> std::result::Result<Fate, ec::Error> {
+        let keys: Vec<&[u8]> = writes
+            .keys()
+            .chain(guards.keys())
+            .copied()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let ops: Vec<ec::TxnOp> = keys
+            .iter()
+            .map(|k| ec::TxnOp::get(self.key(k), None))
+            .collect();
+        let resp = self.rt.block_on(self.pool.run(is_transport, |c| {
+            let t = ec::Txn::new().and_then(ops.clone());
+            async move { c.kv_client().txn(t).await }
+        }))?;
+        let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let mut now: HashMap<&[u8], Option<Vec<u8>>> = HashMap::new();
+        for (k, r) in keys.iter().zip(resp.op_responses()) {
+            if let ec::TxnOpResponse::Get(g) = r {
+                now.insert(k, g.kvs().first().map(|kv| kv.value().to_vec()));
+            }
+        }
+        let is = |k: &[u8], v: &Option<&[u8]>| now.get(k).map(|n| n.as_deref()) == Some(*v);
+        if writes.iter().all(|(k, v)| is(k, v)) {
+            Ok(Fate::Applied(rev))
+        } else if guards.iter().all(|(k, v)| is(k, v)) {
+            Ok(Fate::NotApplied)
+        } else {
+            Ok(Fate::Conflict(rev))
+        }
+    }
+}
+
+/// What became of a transaction whose answer was lost.
+enum Fate {
+    Applied(i64),
+    NotApplied,
+    Conflict(i64),
 }
 
 impl Drop for EtcdBackend {
@@ -777,42 +870,70 @@ impl Backend for EtcdBackend {
             .collect();
         let n_ops = ops.len();
         let t = ec::Txn::new().when(compares).and_then(ops);
-        // Another member is tried only when this one surely did not get the
-        // request: a transaction must never be applied twice.
-        let r = self.rt.block_on(self.pool.run(never_sent, |c| {
-            let t = t.clone();
-            async move { c.kv_client().txn(t).await }
-        }));
-        let resp = match r {
-            Ok(r) => r,
-            Err(e) if is_transport(&e) => {
-                self.shared.set_reachable(false, &brief(&e));
-                let outcome = if never_sent(&e) {
-                    "nothing was changed"
-                } else {
-                    "the request may have reached the cluster before the answer was lost, so check whether the change took effect (ls, `keyfs list`) before retrying"
+        // Whether a lost answer hides an applied change (`Some(cause)`).
+        let mut unknown: Option<String> = None;
+        let resp = loop {
+            // Another member is tried only when this one surely did not get
+            // the request; otherwise the fate of the request is read first.
+            let r = self.rt.block_on(self.pool.run(never_sent, |c| {
+                let t = t.clone();
+                async move { c.kv_client().txn(t).await }
+            }));
+            let e = match r {
+                Ok(resp) => break resp,
+                Err(e) if is_transport(&e) => e,
+                Err(e) => {
+                    let msg = brief(&e);
+                    let hint = if msg.contains("too many operations") || msg.contains("too large") {
+                        format!("; this change writes {n_ops} records at once, more than the cluster accepts in one transaction: raise --max-txn-ops and --max-request-bytes on every etcd member (docs/DISTRIBUTED.md)")
+                    } else {
+                        String::new()
+                    };
+                    return Err(Error::new(
+                        Kind::Store,
+                        format!(
+                            "etcd cluster {} refused the change: {msg}{hint}; nothing was changed",
+                            self.shared.name
+                        ),
+                    ));
+                }
+            };
+            self.shared.set_reachable(false, &brief(&e));
+            if !never_sent(&e) || unknown.is_some() {
+                unknown = Some(brief(&e));
+                match self.fate(&guards, &writes) {
+                    Ok(Fate::Applied(rev)) => {
+                        self.shared.set_reachable(true, "");
+                        self.shared.wait_for(rev, REQUEST_TIMEOUT);
+                        return Ok(TxnOutcome::Committed);
+                    }
+                    Ok(Fate::Conflict(rev)) => {
+                        self.shared.set_reachable(true, "");
+                        self.request_progress();
+                        self.shared.wait_for(rev, Duration::from_secs(1));
+                        return Ok(TxnOutcome::Conflict);
+                    }
+                    // Not applied, and it never can be (its guards would
+                    // fail after ours): safe to send again.
+                    Ok(Fate::NotApplied) => unknown = None,
+                    Err(_) => {}
+                }
+            }
+            // Ride out an election or a member's restart; refuse once the
+            // outage is older than GRACE.
+            if self.shared.outage().is_none_or(|d| d >= GRACE) {
+                let outcome = match &unknown {
+                    None => "nothing was changed".to_string(),
+                    Some(_) => "the request may have reached the cluster before the answer was lost, so check whether the change took effect (ls, `keyfs list`) before retrying".to_string(),
                 };
                 return Err(Error::new(
                     Kind::Unavailable,
-                    format!("etcd cluster {} is unreachable or has no quorum ({}): changes are refused and {outcome}; reads go on from the last synchronised state; bring the members back (docs/DISTRIBUTED.md)", self.shared.name, brief(&e)),
+                    format!("etcd cluster {} is unreachable or has no quorum ({}): changes are refused and {outcome}; reads go on from the last synchronised state; bring the members back (docs/DISTRIBUTED.md)", self.shared.name, unknown.unwrap_or_else(|| brief(&e))),
                 ));
             }
-            Err(e) => {
-                let msg = brief(&e);
-                let hint = if msg.contains("too many operations") || msg.contains("too large") {
-                    format!("; this change writes {n_ops} records at once, more than the cluster accepts in one transaction: raise --max-txn-ops and --max-request-bytes on every etcd member (docs/DISTRIBUTED.md)")
-                } else {
-                    String::new()
-                };
-                return Err(Error::new(
-                    Kind::Store,
-                    format!(
-                        "etcd cluster {} refused the change: {msg}{hint}; nothing was changed",
-                        self.shared.name
-                    ),
-                ));
-            }
+            std::thread::sleep(Duration::from_millis(100));
         };
+        self.shared.set_reachable(true, "");
         let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
         if resp.succeeded() {
             // Read-your-writes: the watch brings our own change into the mirror.
@@ -829,6 +950,34 @@ impl Backend for EtcdBackend {
             self.request_progress();
             self.shared.wait_for(rev, Duration::from_secs(1));
             Ok(TxnOutcome::Conflict)
+        }
+    }
+
+    fn writable(&self) -> Result<()> {
+        loop {
+            match self.shared.outage() {
+                None => return Ok(()),
+                Some(d) if d >= GRACE => {
+                    // Refuse at once, unless the cluster is back already.
+                    if self.probe() {
+                        return Ok(());
+                    }
+                    let h = self.health();
+                    return Err(Error::new(
+                        Kind::Unavailable,
+                        format!(
+                            "{} is unreachable or has no quorum ({}): changes are refused and nothing was changed; reads are served from the state synchronised {} ms ago; bring the etcd members back (docs/DISTRIBUTED.md) and retry",
+                            self.shared.name, h.error, h.lag_ms
+                        ),
+                    ));
+                }
+                Some(_) => {
+                    if self.probe() {
+                        return Ok(());
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
         }
     }
 

@@ -97,6 +97,12 @@ pub trait Backend: Send + Sync {
     fn shared(&self) -> bool {
         false
     }
+    /// Can changes be tried now? A shared store that cannot be reached
+    /// refuses them (after waiting out a short outage such as an election),
+    /// so that a change fails at once instead of after a timeout.
+    fn writable(&self) -> Result<()> {
+        Ok(())
+    }
     /// Hear of every change made by other writers (a no-op where there are none).
     fn watch(&self, _listener: Listener) {}
     /// How current the local view is.

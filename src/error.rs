@@ -45,6 +45,8 @@ pub enum Kind {
     /// Another writer changed what this operation read, again and again:
     /// nothing was changed (exit 3, `EAGAIN`).
     Conflict,
+    /// The disk holding the store is full (exit 3, `ENOSPC`).
+    NoSpace,
 }
 
 impl Kind {
@@ -53,7 +55,7 @@ impl Kind {
         match self {
             Kind::Usage => 1,
             Kind::MasterKey => 2,
-            Kind::Store | Kind::Busy | Kind::Unavailable | Kind::Conflict => 3,
+            Kind::Store | Kind::Busy | Kind::Unavailable | Kind::Conflict | Kind::NoSpace => 3,
             Kind::NotFound => 4,
             Kind::Exists
             | Kind::NotEmpty
@@ -83,6 +85,7 @@ impl Kind {
             Kind::NameTooLong => libc::ENAMETOOLONG,
             Kind::ReadOnly | Kind::Unavailable => libc::EROFS,
             Kind::Conflict => libc::EAGAIN,
+            Kind::NoSpace => libc::ENOSPC,
             Kind::Perm => libc::EPERM,
         }
     }

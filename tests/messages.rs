@@ -71,6 +71,11 @@ const SHORT: &[(&str, &str, &str)] = &[
         "io_err: a path and the OS error text through a mount; TROUBLESHOOTING documents it by errno",
     ),
     (
+        "src/store/sled_backend.rs",
+        "{}",
+        "logs the fencing error once, whose two messages are checked where they are made",
+    ),
+    (
         "src/fs/mod.rs",
         "{e}",
         "the signal thread logs an unmount error whose message is checked where it is made",

@@ -1590,6 +1590,9 @@ impl Inventory {
                 self.audit_read(Rec::ok("read", path, n.id, v.ver), ctx)?;
                 Ok(m)
             }
+            // The store could not be read at all (a fenced or unreachable
+            // backend): say that, not that the record is damaged.
+            Err(e) if e.kind() != Kind::Integrity => Err(e.context(&path)),
             Err(e) => {
                 log::error!(
                     "integrity failure reading {path} (version {}): {}",

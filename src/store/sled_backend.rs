@@ -6,8 +6,27 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use std::path::Path;
 
 /// A sled database holding one keyfs store.
+///
+/// sled does not recover from a failed write inside a running process: after
+/// an I/O error (a full disk) the next flush can block forever, and what it
+/// serves from memory may differ from what is on disk. So the first write
+/// error *fences* the backend: every later call fails at once with that
+/// error, and the process must reopen the store (remount), when sled
+/// recovers the last durable state from its log.
 pub struct SledBackend {
-    db: sled::Db,
+    db: std::mem::ManuallyDrop<sled::Db>,
+    fenced: std::sync::Mutex<Option<Error>>,
+}
+
+impl Drop for SledBackend {
+    fn drop(&mut self) {
+        if self.fence_error().is_none() {
+            // SAFETY: dropped once, here; `db` is not used afterwards.
+            unsafe { std::mem::ManuallyDrop::drop(&mut self.db) };
+        }
+        // Fenced: sled's drop flushes, and after a failed write that flush
+        // can block forever. Leave it to the process exit.
+    }
 }
 
 impl SledBackend {
@@ -28,7 +47,12 @@ impl SledBackend {
                 .cache_capacity(32 * 1024 * 1024)
                 .open();
             match r {
-                Ok(db) => return Ok(SledBackend { db }),
+                Ok(db) => {
+                    return Ok(SledBackend {
+                        db: std::mem::ManuallyDrop::new(db),
+                        fenced: std::sync::Mutex::new(None),
+                    })
+                }
                 Err(sled::Error::Io(ref io)) if is_lock_error(io) => {
                     if std::time::Instant::now() >= deadline {
                         return Err(Error::new(
@@ -44,6 +68,42 @@ impl SledBackend {
     }
 }
 
+impl SledBackend {
+    fn fence_error(&self) -> Option<Error> {
+        self.fenced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Fail at once when an earlier write failed.
+    fn check(&self) -> Result<()> {
+        match self.fence_error() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// A write failed: remember why, and refuse everything from now on.
+    fn fence(&self, e: sled::Error) -> Error {
+        let enospc = matches!(&e, sled::Error::Io(io) if io.raw_os_error() == Some(libc::ENOSPC));
+        let err = if enospc {
+            Error::new(
+                Kind::NoSpace,
+                "the disk holding the store is full (No space left on device): this change was not made, and keyfs stopped using the store so that what is on disk stays consistent; free space, then remount (`keyfs umount MNT`, `keyfs mount STORE MNT`)",
+            )
+        } else {
+            Error::new(
+                Kind::Store,
+                format!("writing the store failed ({e}): this change was not made, and keyfs stopped using the store so that what is on disk stays consistent; check the disk and the store directory, then remount (`keyfs umount MNT`, `keyfs mount STORE MNT`)"),
+            )
+        };
+        log::error!("{}", err.message());
+        let mut f = self.fenced.lock().unwrap_or_else(|p| p.into_inner());
+        f.get_or_insert(err).clone()
+    }
+}
+
 /// sled reports a held lock as `ErrorKind::Other` "could not acquire lock …".
 fn is_lock_error(io: &std::io::Error) -> bool {
     io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("could not acquire lock")
@@ -51,10 +111,12 @@ fn is_lock_error(io: &std::io::Error) -> bool {
 
 impl Backend for SledBackend {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.check()?;
         Ok(self.db.get(key)?.map(|v| v.to_vec()))
     }
 
     fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.check()?;
         self.db
             .scan_prefix(prefix)
             .map(|r| {
@@ -65,6 +127,7 @@ impl Backend for SledBackend {
     }
 
     fn transact(&self, txn: &Txn) -> Result<TxnOutcome> {
+        self.check()?;
         let r = self.db.transaction(|t| {
             for (k, expected) in &txn.guards {
                 let cur = t.get(k)?;
@@ -87,13 +150,16 @@ impl Backend for SledBackend {
         match r {
             Ok(()) => Ok(TxnOutcome::Committed),
             Err(TransactionError::Abort(())) => Ok(TxnOutcome::Conflict),
-            Err(TransactionError::Storage(e)) => Err(e.into()),
+            Err(TransactionError::Storage(e)) => Err(self.fence(e)),
         }
     }
 
     fn flush(&self) -> Result<()> {
-        self.db.flush()?;
-        Ok(())
+        self.check()?;
+        match self.db.flush() {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.fence(e)),
+        }
     }
 
     fn size_on_disk(&self) -> u64 {

@@ -1231,3 +1231,67 @@ fn distributed_etcd_never_holds_plaintext_or_the_master_key() {
     }
     assert!(leaks.is_empty(), "plaintext in etcd: {leaks:?}");
 }
+
+/// A host that was away while the cluster compacted the revisions it had not
+/// seen cannot resume its watch: it reloads the whole prefix, and then serves
+/// what changed meanwhile.
+#[test]
+fn distributed_a_host_that_missed_compacted_revisions_resynchronises() {
+    let mut h = Hosts::new("compacted", &[]);
+    std::fs::create_dir(h.a.path(C)).unwrap();
+    let key = format!("{C}/hmac");
+    let before = read(&h.b, &key);
+    let b_pid = h.b.pid().expect("B's daemon") as i32;
+
+    // B stops (as a host whose network is down would), and the member its
+    // watch goes through (the first one) goes away, so that nothing of what
+    // follows can reach B on that watch ...
+    // SAFETY: kill(2) on our own child process.
+    assert_eq!(unsafe { libc::kill(b_pid, libc::SIGSTOP) }, 0);
+    h.cluster.kill(0);
+    // ... while A rotates the key and removes another one ...
+    let new = rand_bytes(32);
+    rotate_by_rename(&h.a, &key, "while-b-away", &new).unwrap();
+    std::fs::remove_file(h.a.path(&format!("{C}/storage_sym"))).unwrap();
+    // ... and the cluster compacts its history up to now.
+    let o = h.cluster.etcdctl_on(1, &["get", "x", "-w", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("etcdctl json");
+    let rev = v["header"]["revision"].as_i64().expect("revision");
+    h.cluster
+        .etcdctl_on(1, &["compact", &rev.to_string(), "--physical"])
+        .assert_ok();
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(b_pid, libc::SIGCONT) }, 0);
+
+    let t = Instant::now();
+    let d = seen(
+        "the rotation made while B was away",
+        t,
+        &h.b,
+        &Some(new.clone()),
+        |m| read_opt(m, &key),
+    );
+    assert_ne!(before, new);
+    seen("the removal made while B was away", t, &h.b, &None, |m| {
+        read_opt(m, &format!("{C}/storage_sym"))
+    });
+    let log = h.b.daemon_log();
+    assert!(
+        log.contains("was compacted away before this host saw it; reloading the whole prefix"),
+        "B did not say it reloaded:\n{log}"
+    );
+    report(
+        "resynchronisation after compaction",
+        &[("B serves the changes it missed".into(), d)],
+    );
+    // B keeps following changes afterwards.
+    let newer = rand_bytes(32);
+    rotate_by_rename(&h.a, &key, "after-resync", &newer).unwrap();
+    seen(
+        "a rotation after the resync",
+        Instant::now(),
+        &h.b,
+        &Some(newer),
+        |m| read_opt(m, &key),
+    );
+}

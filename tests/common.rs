@@ -844,7 +844,7 @@ pub const ETCD_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// and only ports that can be bound right now. Another process may still
 /// take one before etcd binds it: [`EtcdCluster::new`] retries with fresh
 /// ports when a member reports "address already in use".
-fn etcd_free_ports(n: usize) -> Vec<u16> {
+pub fn etcd_free_ports(n: usize) -> Vec<u16> {
     use std::sync::Mutex;
     static NEXT: Mutex<Option<u32>> = Mutex::new(None);
     const LO: u32 = 20_000;

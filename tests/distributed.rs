@@ -1295,3 +1295,178 @@ fn distributed_a_host_that_missed_compacted_revisions_resynchronises() {
         |m| read_opt(m, &key),
     );
 }
+
+/// One etcd member that speaks TLS only and requires client certificates,
+/// with its CA, server and client certificates made by openssl. Killed and
+/// reaped on drop (and with the test thread, by `PR_SET_PDEATHSIG`).
+struct TlsEtcd {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: std::process::Child,
+}
+
+impl TlsEtcd {
+    fn new() -> TlsEtcd {
+        use std::os::unix::process::CommandExt;
+        let dir = crate::common::tempdir();
+        let p = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
+        let sh_ok = |script: String| {
+            crate::common::sh(&script).assert_ok();
+        };
+        // A CA, a server certificate for 127.0.0.1, a client certificate,
+        // and a second CA that signed nothing of this cluster.
+        sh_ok(format!(
+            "set -e; cd {d}
+             openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=keyfs-test-ca
+             openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout other-ca.key -out other-ca.pem -days 2 -subj /CN=another-ca
+             openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1
+             printf 'subjectAltName=IP:127.0.0.1\\n' > server.ext
+             openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile server.ext
+             openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout client.key -out client.csr -subj /CN=keyfs
+             printf 'extendedKeyUsage=clientAuth\\n' > client.ext
+             openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem -days 2 -extfile client.ext",
+            d = dir.path().display()
+        ));
+        let ports = crate::common::etcd_free_ports(2);
+        let (port, peer) = (ports[0], ports[1]);
+        let client_url = format!("https://127.0.0.1:{port}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
+        let mut c = std::process::Command::new("etcd");
+        c.args(["--name", "tls0", "--data-dir", &p("data")])
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("tls0={peer_url}")])
+            .args([
+                "--cert-file",
+                &p("server.pem"),
+                "--key-file",
+                &p("server.key"),
+            ])
+            .args(["--trusted-ca-file", &p("ca.pem"), "--client-cert-auth"])
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        // SAFETY: prctl(2) only, between fork and exec.
+        unsafe {
+            c.pre_exec(|| {
+                libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                );
+                Ok(())
+            });
+        }
+        let child = c
+            .spawn()
+            .expect("cannot run etcd (scripts/setup.sh installs it)");
+        let e = TlsEtcd { dir, port, child };
+        let start = Instant::now();
+        loop {
+            let o = run(
+                "etcdctl",
+                &[
+                    format!("--endpoints={client_url}"),
+                    format!("--cacert={}", e.file("ca.pem")),
+                    format!("--cert={}", e.file("client.pem")),
+                    format!("--key={}", e.file("client.key")),
+                    "endpoint".into(),
+                    "health".into(),
+                ],
+            );
+            if o.ok() {
+                return e;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "TLS etcd did not become healthy: {}\n{}",
+                o.text(),
+                std::fs::read_to_string(e.dir.path().join("etcd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn file(&self, name: &str) -> String {
+        self.dir.path().join(name).to_str().unwrap().to_owned()
+    }
+
+    /// `etcd://127.0.0.1:PORT/PREFIX?options`.
+    fn url(&self, prefix: &str, options: &str) -> String {
+        format!("etcd://127.0.0.1:{}/{prefix}?{options}", self.port)
+    }
+}
+
+impl Drop for TlsEtcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// With TLS options in the store URL, keyfs talks to a cluster that accepts
+/// only TLS with client certificates; without a client certificate, or with
+/// the wrong CA, it is refused with a store error that names the cluster.
+#[test]
+fn distributed_tls_with_client_certificates() {
+    require_root_and_fuse();
+    let e = TlsEtcd::new();
+    let full = format!(
+        "cacert={}&cert={}&key={}",
+        e.file("ca.pem"),
+        e.file("client.pem"),
+        e.file("client.key")
+    );
+    let url = e.url("keyfs-tls", &full);
+    let mk = e.dir.path().join("master.key");
+    keyfs(&[
+        OsStr::new("init"),
+        OsStr::new(&url),
+        OsStr::new("--generate-master-key"),
+        mk.as_os_str(),
+    ])
+    .assert_ok();
+    let m = Mounted::new_on(&url, &mk, &[]);
+    std::fs::create_dir(m.path(C)).unwrap();
+    let secret = rand_bytes(32);
+    write_committed(&m.path(&format!("{C}/api-token")), &secret).unwrap();
+    assert_eq!(read(&m, &format!("{C}/api-token")), secret);
+    let st = status(&m).unwrap();
+    assert_eq!(st["backend"], "etcd", "{st}");
+    assert_eq!(st["synced"], true, "{st}");
+    drop(m);
+
+    let mk_s = mk.to_str().unwrap();
+    for (what, options) in [
+        (
+            "no client certificate",
+            format!("cacert={}", e.file("ca.pem")),
+        ),
+        (
+            "a CA that did not sign the cluster",
+            format!(
+                "cacert={}&cert={}&key={}",
+                e.file("other-ca.pem"),
+                e.file("client.pem"),
+                e.file("client.key")
+            ),
+        ),
+        ("no TLS at all", String::new()),
+    ] {
+        let url = e.url("keyfs-tls", &options);
+        let url = url.trim_end_matches('?');
+        let o = keyfs(&["--master-key-file", mk_s, "list", "--store", url]);
+        assert_eq!(o.code, Some(3), "{what}: {}{}", o.text(), o.stderr);
+        let text = &o.stderr;
+        assert!(
+            text.contains("is unreachable or has no quorum")
+                && text.contains("with TLS, that they accept the URL's cacert/cert/key"),
+            "{what}: {text}"
+        );
+    }
+}

@@ -313,7 +313,11 @@ fn init_store_dir(dir: &Path) -> Result<()> {
 fn on_remote(cache: &cache::Caches, listener: &Mutex<Option<ChangeListener>>, changes: &[Change]) {
     let keys: Vec<crate::store::Write> = changes.iter().map(|c| (c.key.clone(), None)).collect();
     cache.invalidate(&keys);
-    if changes.iter().any(|c| c.key == META_KCV) {
+    // (Its first write, by `keyfs init`, is not a change of key.)
+    if changes
+        .iter()
+        .any(|c| c.key == META_KCV && c.before.is_some() && c.before != c.after)
+    {
         log::error!("the master key of this store was changed on another host (`keyfs rewrap`): this process still has the old one and cannot open keys written from now on; restart it (remount) with the new master key");
     }
     let mut out = Vec::new();

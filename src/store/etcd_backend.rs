@@ -400,7 +400,7 @@ impl Pool {
 fn unavailable(name: &str, e: &ec::Error) -> Error {
     Error::new(
         Kind::Unavailable,
-        format!("etcd cluster {name} is unreachable or has no quorum ({}); check that its members run and that this host reaches them (docs/DISTRIBUTED.md), then retry", brief(e)),
+        format!("etcd cluster {name} is unreachable or has no quorum ({}); check that its members run, that this host reaches them and, with TLS, that they accept the URL's cacert/cert/key (docs/DISTRIBUTED.md), then retry", brief(e)),
     )
 }
 

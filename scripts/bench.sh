@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
-# scripts/bench.sh — keyfs benchmarked against tmpfs and gocryptfs (SPEC §6).
+# scripts/bench.sh — keyfs benchmarked against tmpfs and gocryptfs (SPEC §6),
+# and keyfs on etcd against keyfs on sled (issue 7).
 #
 # Runs on the same machine, in the same run, side by side:
 #   - open+read+close of a 32-byte key (1 thread; 2 threads on the same file;
 #     `cat`-style read-to-EOF), and stat, on tmpfs, gocryptfs, keyfs (default
-#     mode) and keyfs --cache;
+#     mode, sled store), keyfs --cache and keyfs-etcd (default mode, the same
+#     tree in an etcd store: a single-member etcd this script starts on
+#     loopback, data dir on the same disk as the sled stores);
 #   - find | wc -l, ls -lR and tar over a tree of 10,000 clients;
 #   - full rotations per second (write a temp file, rename it over the key;
 #     with and without an fsync of the temp file);
 #   - keyfs mount time and daemon RSS at 1,000 / 10,000 / 100,000 keys.
-# It prints a table of medians with the ratios keyfs/tmpfs and
-# keyfs/gocryptfs, checks the SPEC §6 bars (PASS/MISS), and writes it all to
+# It prints a table of medians with the ratios keyfs/tmpfs, keyfs/gocryptfs
+# and keyfs-etcd/keyfs, checks the SPEC §6 bars and issue 7's etcd bar (key
+# reads on etcd within 1.10× of sled) with PASS/MISS, and writes it all to
 # docs/PERFORMANCE.md with the machine it ran on. With perf present it also
 # profiles where a default-mode key read spends its time (FUSE requests per
 # operation and their latency, from the kernel's fuse tracepoints; the
 # daemon's hottest functions; its syscalls per read).
 #
-# Usage (Debian 12, as root; installs gocryptfs, gcc, fuse3, perf, strace):
-#   scripts/bench.sh                 # full run (about 15 minutes)
+# Usage (Debian 12, as root; installs gocryptfs, gcc, fuse3, perf, strace,
+# etcd-server, etcd-client):
+#   scripts/bench.sh                 # full run (about 20 minutes)
 #   BENCH_QUICK=1 scripts/bench.sh   # smoke run: 1,000 clients, few iterations
 #
 # Environment:
@@ -31,6 +36,10 @@
 #   BENCH_MAX_LOAD=X      before starting, wait (up to BENCH_WAIT_S seconds,
 #                         default 600) until the 1-minute load is at most X
 #   BENCH_PROFILE=0       skip the profiling section
+#   BENCH_ETCD=0          skip keyfs on etcd (no etcd started, no keyfs-etcd column)
+#   BENCH_ETCD_MEMBERS=3  run a 3-member etcd on loopback instead of a single
+#                         member (default 1: on 2 cores three members would
+#                         compete with the daemons for the CPU)
 #   BENCH_NO_INSTALL=1    do not apt-get anything
 #   CARGO_TARGET_DIR      honoured for the keyfs build
 #
@@ -67,13 +76,23 @@ else
     PROF_ITERS=5000
 fi
 KEYS_PER_CLIENT=3 # storage, storage_sym, hmac (storage.pub is derived, not a key)
+ETCD="${BENCH_ETCD:-1}"
+[ "$ETCD" = 0 ] || ETCD=1
+ETCD_MEMBERS="${BENCH_ETCD_MEMBERS:-1}"
+case "$ETCD_MEMBERS" in
+    1 | 3) ;;
+    *)
+        echo "BENCH_ETCD_MEMBERS must be 1 or 3, not $ETCD_MEMBERS" >&2
+        exit 1
+        ;;
+esac
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() {
     log "ERROR: $*"
     exit 1
 }
-# On a failed measurement: what the four trees look like at that moment.
+# On a failed measurement: what the trees look like at that moment.
 diag() {
     local fs
     for fs in "${FSS[@]:-}"; do
@@ -112,6 +131,11 @@ install_deps() {
         command -v perf >/dev/null 2>&1 || need+=(linux-perf)
         command -v strace >/dev/null 2>&1 || need+=(strace)
     fi
+    if [ "$ETCD" = 1 ]; then
+        command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+        command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
+        command -v ss >/dev/null 2>&1 || need+=(iproute2)
+    fi
     if [ "${#need[@]}" -gt 0 ]; then
         log "apt-get install -y ${need[*]}"
         keyfs_as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq || die "apt-get update failed"
@@ -121,12 +145,17 @@ install_deps() {
     fi
     command -v gocryptfs >/dev/null 2>&1 || die "gocryptfs is missing"
     command -v gcc >/dev/null 2>&1 || die "gcc is missing"
+    if [ "$ETCD" = 1 ]; then
+        command -v etcd >/dev/null 2>&1 || die "etcd is missing (apt-get install etcd-server, or BENCH_ETCD=0)"
+        command -v etcdctl >/dev/null 2>&1 || die "etcdctl is missing (apt-get install etcd-client, or BENCH_ETCD=0)"
+    fi
 }
 
 # ---------------------------------------------------------------- cleanup
 
-MOUNTS=() # every mountpoint this run mounted (unmounted on exit)
-PIDS=()   # every daemon it started
+MOUNTS=()     # every mountpoint this run mounted (unmounted on exit)
+PIDS=()       # every daemon it started
+ETCD_PIDS=()  # the etcd members it started (stopped on exit, after the mounts)
 WORK=""
 
 unmount_one() {
@@ -158,6 +187,7 @@ cleanup() {
         done
         kill "$p" 2>/dev/null
     done
+    etcd_stop
     wait 2>/dev/null
     if [ -n "$WORK" ]; then
         while read -r _ m _; do
@@ -190,6 +220,26 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 set -E
 trap 'log "failed (exit $?) at line $LINENO: $BASH_COMMAND"' ERR
+
+# etcd_stop — stop the members this run started (SIGTERM, then SIGKILL after 10 s).
+etcd_stop() {
+    local p i
+    for p in "${ETCD_PIDS[@]}"; do
+        kill -TERM "$p" 2>/dev/null || true
+    done
+    for p in "${ETCD_PIDS[@]}"; do
+        for ((i = 0; i < 100; i++)); do
+            kill -0 "$p" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$p" 2>/dev/null; then
+            log "etcd (pid $p) did not stop on SIGTERM; killing it"
+            kill -KILL "$p" 2>/dev/null || true
+        fi
+        wait "$p" 2>/dev/null || true
+    done
+    ETCD_PIDS=()
+}
 
 # ---------------------------------------------------------------- helpers
 
@@ -249,6 +299,80 @@ gocryptfs_mount() {
     t1=$("$KB" waitmount "$mnt" "$(dirname "$mnt")" 60000) ||
         die "gocryptfs did not mount (see $WORK/logs/gocryptfs.log)"
     MOUNT_US=$((t1 - t0))
+}
+
+# free_ports N — N loopback TCP ports that no socket of this machine uses now,
+# consecutive from a random base below the kernel's ephemeral range (so no
+# outgoing connection can be holding one). Another process may still take one
+# before etcd binds it: etcd_start then retries with other ports.
+free_ports() {
+    local n="$1" lo=20000 hi p ports_out=()
+    hi=$(($(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768) - 1))
+    [ "$hi" -gt $((lo + 2000)) ] || hi=32767
+    local used
+    used=" $(ss -Htan 2>/dev/null | awk '{ n = split($4, a, ":"); printf "%s ", a[n] }') "
+    p=$((lo + (RANDOM * 32768 + RANDOM) % (hi - lo)))
+    while [ "${#ports_out[@]}" -lt "$n" ]; do
+        [ "$p" -le "$hi" ] || p=$lo
+        case "$used" in *" $p "*) ;; *) ports_out+=("$p") ;; esac
+        p=$((p + 1))
+    done
+    echo "${ports_out[@]}"
+}
+
+# etcd_start DATADIR — start ETCD_MEMBERS etcd members on 127.0.0.1 (free
+# ports; data dirs DATADIR/mN.etcd, logs in $WORK/logs/etcd-mN.log), with the
+# flags docs/DISTRIBUTED.md asks for, and wait until every member reports
+# healthy. Sets ETCD_EPS (host:port,… — the host part of a store URL) and
+# ETCD_PIDS. Call it from the main shell, not from $( … ): the members get
+# PR_SET_PDEATHSIG=KILL (setpriv), so they die with this script even if it
+# is killed without running its cleanup.
+etcd_start() {
+    local dd="$1" attempt i ports cluster token eps p ok
+    for attempt in 1 2 3; do
+        read -r -a ports <<<"$(free_ports $((2 * ETCD_MEMBERS)))"
+        token="keyfs-bench-$$-$attempt"
+        cluster=""
+        eps=""
+        for ((i = 0; i < ETCD_MEMBERS; i++)); do
+            cluster+="${cluster:+,}m$i=http://127.0.0.1:${ports[$((ETCD_MEMBERS + i))]}"
+            eps+="${eps:+,}127.0.0.1:${ports[$i]}"
+        done
+        for ((i = 0; i < ETCD_MEMBERS; i++)); do
+            local client="http://127.0.0.1:${ports[$i]}" peer="http://127.0.0.1:${ports[$((ETCD_MEMBERS + i))]}"
+            mkdir -p "$dd"
+            rm -rf "$dd/m$i.etcd"
+            (
+                # Only our flags: no ETCD_* settings from the environment.
+                for v in $(compgen -e); do case "$v" in ETCD*) unset "$v" ;; esac; done
+                exec setpriv --pdeathsig KILL etcd --name "m$i" --data-dir "$dd/m$i.etcd" \
+                    --listen-client-urls "$client" --advertise-client-urls "$client" \
+                    --listen-peer-urls "$peer" --initial-advertise-peer-urls "$peer" \
+                    --initial-cluster "$cluster" --initial-cluster-state new --initial-cluster-token "$token" \
+                    --max-txn-ops 10000 --max-request-bytes 10485760
+            ) >"$WORK/logs/etcd-m$i.log" 2>&1 &
+            ETCD_PIDS+=("$!")
+        done
+        ETCD_EPS="$eps"
+        ok=0
+        for ((i = 0; i < 300; i++)); do
+            if etcdctl --endpoints "$ETCD_EPS" --dial-timeout=1s --command-timeout=2s endpoint health \
+                >/dev/null 2>&1; then
+                ok=1
+                break
+            fi
+            for p in "${ETCD_PIDS[@]}"; do kill -0 "$p" 2>/dev/null || break 2; done
+            sleep 0.1
+        done
+        [ "$ok" = 1 ] && return 0
+        etcd_stop
+        if [ "$attempt" -lt 3 ] && grep -qs 'address already in use' "$WORK"/logs/etcd-m*.log; then
+            log "etcd: a port was taken meanwhile; retrying with other ports"
+            continue
+        fi
+        tail -n 20 "$WORK"/logs/etcd-m*.log >&2
+        die "etcd did not become healthy on $ETCD_EPS (logs in $WORK/logs/etcd-m*.log)"
+    done
 }
 
 # stop_daemon MNT PID — unmount and wait for the daemon to exit.
@@ -371,6 +495,34 @@ rm -rf "$SHM/build"
 BUILD_RATE=$(awk -v n="$prev" -v s="$BUILD_S" 'BEGIN { printf "%.0f", n / (s > 0 ? s : 1) }')
 log "built $prev clients in ${BUILD_S}s (~$BUILD_RATE clients/s, 3 keys each)"
 
+# keyfs on etcd: the tree's $TREE_CLIENTS clients, built the same way (mkdir
+# through a keyfs mount: one etcd transaction per client) in an etcd this
+# script starts on loopback. Its data dir is on the scratch disk, next to the
+# sled stores the measurements use, so both backends pay the same disk for
+# their durable commits. (It is built in place: etcd cannot be copied like a
+# sled directory without restarting it, and its build costs one etcd commit
+# per client.) Same names, same sizes, same one version per key as the sled
+# tree; the key bytes are its own (mkdir generates them).
+ETCD_URL=""
+if [ "$ETCD" = 1 ]; then
+    ETCD_VERSION="$(etcd --version 2>/dev/null | awk -F': ' '/^etcd Version/ { print $2 }')"
+    ETCD_DIR="$WORK/etcd"
+    log "starting a $ETCD_MEMBERS-member etcd ${ETCD_VERSION:-?} on loopback (data dir $ETCD_DIR, $DISK_FS: the disk of the sled stores)"
+    etcd_start "$ETCD_DIR"
+    ETCD_URL="etcd://$ETCD_EPS/keyfs-bench"
+    log "etcd answers on $ETCD_EPS (pids ${ETCD_PIDS[*]}); store $ETCD_URL"
+    "$K" --master-key-file "$MK" init "$ETCD_URL" >>"$WORK/logs/keyfs.log" 2>&1 || die "keyfs init $ETCD_URL failed"
+    log "building the etcd store: $TREE_CLIENTS clients (mkdir through a keyfs mount on etcd)"
+    T0=$(now_us)
+    keyfs_mount "$ETCD_URL" "$WORK/mnt/build-etcd"
+    "$KB" mkdirs "$WORK/mnt/build-etcd/clients" c 1 "$TREE_CLIENTS" || die "mkdir through the etcd mount failed"
+    stop_daemon "$WORK/mnt/build-etcd" "$KPID"
+    ETCD_BUILD_S=$(awk -v a="$T0" -v b="$(now_us)" 'BEGIN { printf "%.0f", (b - a) / 1e6 }')
+    ETCD_BUILD_RATE=$(awk -v n="$TREE_CLIENTS" -v s="$ETCD_BUILD_S" 'BEGIN { printf "%.0f", n / (s > 0 ? s : 1) }')
+    ETCD_DB_MIB=$(du -sm "$ETCD_DIR" | awk '{ print $1 }')
+    log "built $TREE_CLIENTS clients on etcd in ${ETCD_BUILD_S}s (~$ETCD_BUILD_RATE clients/s); etcd data dir ${ETCD_DB_MIB} MiB"
+fi
+
 # The tree every filesystem gets: the same names and the same bytes.
 # The tree mounts get their own copies (rotations change them; a store has one daemon).
 TREE_STORE="$WORK/store-tree"
@@ -380,6 +532,7 @@ M_TMPFS="$SHM/tree"
 M_GOC="$WORK/mnt/gocryptfs"
 M_KEYFS="$WORK/mnt/keyfs"
 M_CACHE="$WORK/mnt/keyfs-cache"
+M_ETCD="$WORK/mnt/keyfs-etcd"
 mkdir -p "$M_TMPFS"
 
 keyfs_mount "$TREE_STORE" "$M_KEYFS"
@@ -387,6 +540,14 @@ KPID_DEFAULT=$KPID
 KEYFS_TREE_MOUNT_US=$MOUNT_US
 keyfs_mount "$WORK/store-cache" "$M_CACHE" --cache
 KPID_CACHE=$KPID
+if [ "$ETCD" = 1 ]; then
+    keyfs_mount "$ETCD_URL" "$M_ETCD"
+    KPID_ETCD=$KPID
+    ETCD_TREE_MOUNT_US=$MOUNT_US
+    ETCD_RSS_MOUNT=$(rss_kb "$KPID_ETCD")
+    grep -q '"synced": *true' "$M_ETCD/.keyfs/status" ||
+        log "warning: keyfs-etcd's .keyfs/status does not say synced: $(tr -d '\n' <"$M_ETCD/.keyfs/status")"
+fi
 
 log "copying the tree out of keyfs into tmpfs (tar)"
 tar -C "$M_KEYFS" -cf - clients poison audit | tar -C "$M_TMPFS" -xpf -
@@ -404,8 +565,9 @@ sync
 log "gocryptfs populated in $((($(now_us) - T0) / 1000000))s"
 
 FSS=(tmpfs gocryptfs keyfs cache)
-declare -A MNT_OF=([tmpfs]="$M_TMPFS" [gocryptfs]="$M_GOC" [keyfs]="$M_KEYFS" [cache]="$M_CACHE")
-declare -A LABEL=([tmpfs]="tmpfs" [gocryptfs]="gocryptfs" [keyfs]="keyfs" [cache]="keyfs --cache")
+[ "$ETCD" = 1 ] && FSS+=(etcd)
+declare -A MNT_OF=([tmpfs]="$M_TMPFS" [gocryptfs]="$M_GOC" [keyfs]="$M_KEYFS" [cache]="$M_CACHE" [etcd]="$M_ETCD")
+declare -A LABEL=([tmpfs]="tmpfs" [gocryptfs]="gocryptfs" [keyfs]="keyfs" [cache]="keyfs --cache" [etcd]="keyfs-etcd")
 KEYFILE=clients/c000001/storage_sym
 for fs in "${FSS[@]}"; do
     s=$(stat -c %s "${MNT_OF[$fs]}/$KEYFILE") || { diag; die "$fs: $KEYFILE is missing"; }
@@ -416,7 +578,7 @@ cmp -s "$M_TMPFS/$KEYFILE" "$M_KEYFS/$KEYFILE" || die "tmpfs copy differs"
 
 # ---------------------------------------------------------------- measurements
 # Every repetition runs once on each filesystem in turn, so a change in the
-# machine's load touches all four alike; the median of the repetitions is kept.
+# machine's load touches all of them alike; the median of the repetitions is kept.
 
 log "key reads: open+read+close, $ITERS per measurement, $REPS repetitions"
 for ((r = 0; r < REPS; r++)); do
@@ -464,6 +626,7 @@ for m in find lsR tar; do finish_metric "$m"; done
 
 RSS_KEYFS_WALKED=$(rss_kb "$KPID_DEFAULT")
 RSS_CACHE_WALKED=$(rss_kb "$KPID_CACHE")
+RSS_ETCD_WALKED=$([ "$ETCD" = 1 ] && rss_kb "$KPID_ETCD" || echo 0)
 RSS_GOC_WALKED=$(rss_kb "$GPID")
 
 log "rotations: $ROT_ITERS per measurement (write temp, [fsync,] close, rename over), $REPS repetitions"
@@ -536,7 +699,9 @@ if [ "${BENCH_PROFILE:-1}" != 0 ] && command -v perf >/dev/null 2>&1 &&
     nops=$((PROF_ITERS + PROF_ITERS / 20 + 10)) # kbench warms up with ITERS/20+10 ops
     PROFILE_MD+=$'\n### FUSE requests per operation (kernel fuse tracepoints)\n\n'
     PROFILE_MD+="Counted with \`perf record -e fuse:fuse_request_send -e fuse:fuse_request_end -a\`, filtered to the mount's connection; the round trip is from the kernel queueing the request to the daemon's reply being processed (it includes waiting for a free daemon thread)."$'\n\n'
-    for fs in keyfs cache gocryptfs; do
+    prof_fss=(keyfs cache gocryptfs)
+    [ "$ETCD" = 1 ] && prof_fss+=(etcd)
+    for fs in "${prof_fss[@]}"; do
         t=$(profile_fuse "${LABEL[$fs]}: open+read+close (1 thread)" "${MNT_OF[$fs]}" "$nops" \
             "$KB" read "${MNT_OF[$fs]}/$KEYFILE" "$PROF_ITERS" 1 1) && PROFILE_MD+="$t"$'\n\n'
     done
@@ -544,6 +709,12 @@ if [ "${BENCH_PROFILE:-1}" != 0 ] && command -v perf >/dev/null 2>&1 &&
         "$KB" read "$M_KEYFS/$KEYFILE" "$PROF_ITERS" 2 1) && PROFILE_MD+="$t"$'\n\n'
     t=$(profile_fuse "keyfs: rotation (write temp, close, rename)" "$M_KEYFS" 50 \
         "$KB" rotate 50 0 "$M_KEYFS/clients/c000100/storage_sym") && PROFILE_MD+="$t"$'\n\n'
+    if [ "$ETCD" = 1 ]; then
+        t=$(profile_fuse "keyfs-etcd: open+read+close, 2 threads" "$M_ETCD" $((2 * PROF_ITERS + PROF_ITERS / 20 + 10)) \
+            "$KB" read "$M_ETCD/$KEYFILE" "$PROF_ITERS" 2 1) && PROFILE_MD+="$t"$'\n\n'
+        t=$(profile_fuse "keyfs-etcd: rotation (write temp, close, rename)" "$M_ETCD" 50 \
+            "$KB" rotate 50 0 "$M_ETCD/clients/c000100/storage_sym") && PROFILE_MD+="$t"$'\n\n'
+    fi
     nentries=$(find "$M_KEYFS/clients" | wc -l)
     t=$(profile_fuse "keyfs: find clients/ (per entry)" "$M_KEYFS" "$nentries" \
         find "$M_KEYFS/clients") && PROFILE_MD+="$t"$'\n\n'
@@ -559,34 +730,65 @@ if [ "${BENCH_PROFILE:-1}" != 0 ] && command -v perf >/dev/null 2>&1 &&
     PROFILE_MD+=$'\n'
 
     # Where the daemon's CPU goes during default-mode key reads (software clock sampling).
-    data="$WORK/perf-cpu.data"
-    perf record -q -e cpu-clock -F 4000 -p "$KPID_DEFAULT" -o "$data" -- sleep 4 >/dev/null 2>>"$WORK/logs/perf.log" &
-    pp=$!
-    sleep 1
-    t0=$(now_us)
-    nreads=0
-    while [ $(($(now_us) - t0)) -lt 2000000 ]; do
-        "$KB" read "$M_KEYFS/$KEYFILE" 2000 1 1 >/dev/null
-        nreads=$((nreads + 2110))
-    done
-    wait "$pp" || true
-    if [ -s "$data" ]; then
-        PROFILE_MD+="### Daemon CPU during default-mode key reads (perf record -e cpu-clock -p DAEMON, ~$nreads reads in the window)"$'\n\n'
-        PROFILE_MD+=$'Top symbols (self time):\n\n```\n'
-        PROFILE_MD+="$(perf report -i "$data" --no-children --sort dso,sym --stdio 2>/dev/null | top_lines 40)"
-        PROFILE_MD+=$'\n```\n\nBy thread:\n\n```\n'
-        PROFILE_MD+="$(perf report -i "$data" --no-children --sort comm --stdio 2>/dev/null | top_lines 10)"
-        PROFILE_MD+=$'\n```\n\nBy module:\n\n```\n'
-        PROFILE_MD+="$(perf report -i "$data" --no-children --sort dso --stdio 2>/dev/null | top_lines 10)"
-        PROFILE_MD+=$'\n```\n\n'
+    cpu_ticks() { # cpu_ticks PID... — utime+stime of the processes, in clock ticks
+        local p t=0 v
+        for p in "$@"; do
+            v=$(awk '{ print $14 + $15 }' "/proc/$p/stat" 2>/dev/null || echo 0)
+            t=$((t + v))
+        done
+        echo "$t"
+    }
+    profile_cpu() { # profile_cpu LABEL PID MNT — perf of daemon PID while keys are read through MNT for 2 s
+        local label="$1" pid="$2" mnt="$3" data="$WORK/perf-cpu.data" pp t0 nreads=0 e0 e1 hz
+        perf record -q -e cpu-clock -F 4000 -p "$pid" -o "$data" -- sleep 4 >/dev/null 2>>"$WORK/logs/perf.log" &
+        pp=$!
+        sleep 1
+        e0=$(cpu_ticks "${ETCD_PIDS[@]}")
+        t0=$(now_us)
+        while [ $(($(now_us) - t0)) -lt 2000000 ]; do
+            "$KB" read "$mnt/$KEYFILE" 2000 1 1 >/dev/null
+            nreads=$((nreads + 2110))
+        done
+        e1=$(cpu_ticks "${ETCD_PIDS[@]}")
+        wait "$pp" || true
+        [ -s "$data" ] || return 0
+        echo "### Daemon CPU during $label key reads (perf record -e cpu-clock -p DAEMON, ~$nreads reads in the window)"
+        echo
+        if [ "${#ETCD_PIDS[@]}" -gt 0 ]; then
+            hz=$(getconf CLK_TCK)
+            echo "CPU used meanwhile by the etcd server (utime+stime over the ~2 s of reads): $(((e1 - e0) * 1000 / hz)) ms."
+            echo
+        fi
+        echo 'Top symbols (self time):'
+        echo
+        echo '```'
+        perf report -i "$data" --no-children --sort dso,sym --stdio 2>/dev/null | top_lines 40
+        echo '```'
+        echo
+        echo 'By thread:'
+        echo
+        echo '```'
+        perf report -i "$data" --no-children --sort comm --stdio 2>/dev/null | top_lines 10
+        echo '```'
+        echo
+        echo 'By module:'
+        echo
+        echo '```'
+        perf report -i "$data" --no-children --sort dso --stdio 2>/dev/null | top_lines 10
+        echo '```'
+        echo
         rm -f "$data"
+    }
+    PROFILE_MD+="$(profile_cpu "default-mode (keyfs, sled)" "$KPID_DEFAULT" "$M_KEYFS")"$'\n\n'
+    if [ "$ETCD" = 1 ]; then
+        PROFILE_MD+="$(profile_cpu "keyfs-etcd (default mode, etcd store)" "$KPID_ETCD" "$M_ETCD")"$'\n\n'
     fi
 
     # Syscalls of the daemon per key read and per rotation.
-    strace_counts() { # strace_counts LABEL NOPS CMD...
-        local label="$1" n="$2" sf="$WORK/strace.txt" sp
-        shift 2
-        strace -f -c -o "$sf" -p "$KPID_DEFAULT" 2>/dev/null &
+    strace_counts() { # strace_counts PID LABEL NOPS CMD...
+        local pid="$1" label="$2" n="$3" sf="$WORK/strace.txt" sp
+        shift 3
+        strace -f -c -o "$sf" -p "$pid" 2>/dev/null &
         sp=$!
         sleep 1
         "$@" >/dev/null
@@ -604,8 +806,12 @@ if [ "${BENCH_PROFILE:-1}" != 0 ] && command -v perf >/dev/null 2>&1 &&
     }
     if command -v strace >/dev/null 2>&1; then
         PROFILE_MD+="### Daemon syscalls (strace -f -c on the daemon; strace slows it, so counts only)"$'\n\n'
-        PROFILE_MD+="$(strace_counts "keyfs: key read" "$nops" "$KB" read "$M_KEYFS/$KEYFILE" "$PROF_ITERS" 1 1)"$'\n\n'
-        PROFILE_MD+="$(strace_counts "keyfs: rotation" 50 "$KB" rotate 50 0 "$M_KEYFS/clients/c000101/storage_sym")"$'\n\n'
+        PROFILE_MD+="$(strace_counts "$KPID_DEFAULT" "keyfs: key read" "$nops" "$KB" read "$M_KEYFS/$KEYFILE" "$PROF_ITERS" 1 1)"$'\n\n'
+        PROFILE_MD+="$(strace_counts "$KPID_DEFAULT" "keyfs: rotation" 50 "$KB" rotate 50 0 "$M_KEYFS/clients/c000101/storage_sym")"$'\n\n'
+        if [ "$ETCD" = 1 ]; then
+            PROFILE_MD+="$(strace_counts "$KPID_ETCD" "keyfs-etcd: key read" "$nops" "$KB" read "$M_ETCD/$KEYFILE" "$PROF_ITERS" 1 1)"$'\n\n'
+            PROFILE_MD+="$(strace_counts "$KPID_ETCD" "keyfs-etcd: rotation" 50 "$KB" rotate 50 0 "$M_ETCD/clients/c000101/storage_sym")"$'\n\n'
+        fi
     fi
 else
     log "profiling skipped (BENCH_PROFILE=0, or perf without fuse tracepoints)"
@@ -616,6 +822,14 @@ GOC_RSS_WALKED=$RSS_GOC_WALKED
 stop_daemon "$M_CACHE" "$KPID_CACHE"
 stop_daemon "$M_KEYFS" "$KPID_DEFAULT"
 stop_daemon "$M_GOC" "$GPID"
+if [ "$ETCD" = 1 ]; then
+    # The keyfs-etcd daemon first (it flushes its audit to etcd as it unmounts), then etcd.
+    stop_daemon "$M_ETCD" "$KPID_ETCD"
+    ETCD_DB_END_MIB=$(du -sm "$ETCD_DIR" | awk '{ print $1 }')
+    ETCD_RSS_KB=$(for p in "${ETCD_PIDS[@]}"; do rss_kb "$p"; done | awk '{ s += $1 } END { print s + 0 }')
+    etcd_stop
+    log "etcd stopped (data dir ${ETCD_DB_END_MIB} MiB at the end; its RSS was $((ETCD_RSS_KB / 1024)) MiB)"
+fi
 
 # ---------------------------------------------------------------- mount time and memory
 
@@ -671,10 +885,12 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b == 0) pri
 
 row() { # row METRIC "what" "unit"
     local m="$1" what="$2" unit="$3"
-    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$what" "$unit" \
+    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$what" "$unit" \
         "$(fmt "${R[$m,tmpfs]:-}")" "$(fmt "${R[$m,gocryptfs]:-}")" "$(fmt "${R[$m,keyfs]:-}")" "$(fmt "${R[$m,cache]:-}")" \
+        "$(fmt "${R[$m,etcd]:-}")" \
         "$(ratio "${R[$m,keyfs]:-}" "${R[$m,tmpfs]:-}")" "$(ratio "${R[$m,keyfs]:-}" "${R[$m,gocryptfs]:-}")" \
-        "$(ratio "${R[$m,cache]:-}" "${R[$m,tmpfs]:-}")" "$(ratio "${R[$m,cache]:-}" "${R[$m,gocryptfs]:-}")"
+        "$(ratio "${R[$m,cache]:-}" "${R[$m,tmpfs]:-}")" "$(ratio "${R[$m,cache]:-}" "${R[$m,gocryptfs]:-}")" \
+        "$(ratio "${R[$m,etcd]:-}" "${R[$m,keyfs]:-}")"
 }
 
 raw_list() { # raw_list METRIC FS — the repetitions, 3 significant digits, " · "-separated
@@ -703,6 +919,18 @@ BIG_MT_MS=$(awk -v v="${MT[$BIG_K]}" 'BEGIN { printf "%.0f", v / 1000 }')
 BIG_RSS_MIB=$(awk -v a="${RSS_M[$BIG_K]}" -v b="${RSS_F[$BIG_K]}" 'BEGIN { m = (a > b) ? a : b; printf "%.1f", m / 1024 }')
 R_READ=$(awk -v a="${R[read1,keyfs]:-}" -v b="${R[read1,gocryptfs]:-}" 'BEGIN { printf "%.2f", a / b }')
 R_CACHE=$(awk -v a="${R[read1,cache]:-}" -v b="${R[read1,tmpfs]:-}" 'BEGIN { printf "%.2f", a / b }')
+r2() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b == 0) print ""; else printf "%.2f", a / b }'; }
+R_ETCD1=$(r2 "${R[read1,etcd]:-}" "${R[read1,keyfs]:-}")
+R_ETCD2=$(r2 "${R[read2,etcd]:-}" "${R[read2,keyfs]:-}")
+R_ETCDROT=$(r2 "${R[rot,etcd]:-}" "${R[rot,keyfs]:-}")
+
+etcd_where() { # the rest of the "Where each store lives" line
+    if [ "$ETCD" = 1 ]; then
+        echo "gocryptfs's cipherdir, the sled stores of keyfs and keyfs --cache, and keyfs-etcd's etcd data dir are all on the scratch disk ($DISK_FS, in the run's scratch directory). The sled stores were built on tmpfs and copied there. keyfs-etcd's store is the prefix \`keyfs-bench\` in a **$ETCD_MEMBERS-member etcd** that the script started on 127.0.0.1 (plain HTTP on loopback; \`--max-txn-ops 10000 --max-request-bytes 10485760\`, everything else default, so every commit waits for etcd's WAL fsync on that disk); its $TREE_CLIENTS clients were made by \`mkdir\` through a keyfs mount on it (one etcd transaction per client) at ~$ETCD_BUILD_RATE clients/s (${ETCD_BUILD_S}s). Data dir: ${ETCD_DB_MIB} MiB after building, ${ETCD_DB_END_MIB:-?} MiB at the end. Same names, sizes and one version per key as the sled tree; its key bytes are its own (mkdir generated them)"
+    else
+        echo "gocryptfs's cipherdir and the sled stores of keyfs and keyfs --cache are on the scratch disk ($DISK_FS). keyfs on etcd was not measured (BENCH_ETCD=0)"
+    fi
+}
 
 report() {
     local mode="full run"
@@ -714,18 +942,19 @@ Produced by \`scripts/bench.sh\` ($mode). Each run rewrites everything above the
 
 - **Date:** $START_DATE, took ${ELAPSED_S}s (store building ${BUILD_S}s)
 - **Machine:** $NPROC × $CPU_MODEL, $RAM_GIB GiB RAM, kernel $KERNEL, $OS
-- **Load average** (1/5/15 min): $LOAD_START at the start, $LOAD_END at the end; 1-minute load sampled between measurements: ${LOAD_RANGE:-n/a} (other work on the machine inflates every column alike; the repetitions are interleaved across the four filesystems)
+- **Load average** (1/5/15 min): $LOAD_START at the start, $LOAD_END at the end; 1-minute load sampled between measurements: ${LOAD_RANGE:-n/a} (other work on the machine inflates every column alike; the repetitions are interleaved across the filesystems)
 - **Disk** under the stores and the gocryptfs cipherdir: $DISK_FS; one 4 KiB O_DSYNC write took ${FSYNC_US} µs at the start
-- **Versions:** keyfs $KEYFS_REV (release build), $GOCRYPTFS_VERSION (default options, \`-fg\` to keep its pid)
+- **Where each store lives:** tmpfs is a private tmpfs mount (in RAM); $(etcd_where)
+- **Versions:** keyfs $KEYFS_REV (release build), $GOCRYPTFS_VERSION (default options, \`-fg\` to keep its pid)$([ "$ETCD" = 1 ] && echo ", etcd ${ETCD_VERSION:-?} (Debian's etcd-server)")
 - **Tree:** $TREE_CLIENTS clients (\`clients/c000001\` …), each with storage, storage.pub, storage_sym, hmac. Built by \`mkdir clients/cNNNNNN\` through a keyfs mount (which generates the default key set in one durable change) on a store kept on tmpfs, at ~$BUILD_RATE clients/s, then copied to the disk; tmpfs and gocryptfs got the same files (same names, same bytes) with \`tar\` out of the keyfs mount.
-- **Method:** every measurement is repeated ($REPS× for reads and rotations, $WALK_REPS× for walks, $MOUNT_REPS× for mounts), each repetition going round all four filesystems in turn; the table shows medians. Loops run in \`scripts/bench/kbench.c\` (open/read/close in C, no shell in the loop). Key read = \`open(O_RDONLY)\` + one \`read(4096)\` returning 32 bytes + \`close\` of \`$KEYFILE\`, $ITERS times per measurement; 2 threads = two threads looping on the same file (per-op latency each thread sees, and the aggregate rate). "to EOF" adds the second \`read\` that \`cat\` makes. Rotation = write 32 random bytes to \`storage_sym.new\`, close, \`rename\` over \`storage_sym\` ($ROT_ITERS per measurement, a fresh key each repetition); "+ fsync" also fsyncs the temp file before close (what tmpfs/gocryptfs need for the rotation to be durable; keyfs's rotation is durable when \`rename\` returns without it). \`find\` and \`ls -lR\` walk the whole mount, \`tar\` archives \`clients poison audit\` into a file on tmpfs.
+- **Method:** every measurement is repeated ($REPS× for reads and rotations, $WALK_REPS× for walks, $MOUNT_REPS× for mounts), each repetition going round all the filesystems in turn; the table shows medians. Loops run in \`scripts/bench/kbench.c\` (open/read/close in C, no shell in the loop). Key read = \`open(O_RDONLY)\` + one \`read(4096)\` returning 32 bytes + \`close\` of \`$KEYFILE\`, $ITERS times per measurement; 2 threads = two threads looping on the same file (per-op latency each thread sees, and the aggregate rate). "to EOF" adds the second \`read\` that \`cat\` makes. Rotation = write 32 random bytes to \`storage_sym.new\`, close, \`rename\` over \`storage_sym\` ($ROT_ITERS per measurement, a fresh key each repetition); "+ fsync" also fsyncs the temp file before close (what tmpfs/gocryptfs need for the rotation to be durable; keyfs's rotation is durable when \`rename\` returns without it; on etcd that means both commits are etcd transactions, each waiting for etcd's WAL fsync). \`find\` and \`ls -lR\` walk the whole mount, \`tar\` archives \`clients poison audit\` into a file on tmpfs.
 
 ## Results (medians)
 
-Ratios are keyfs ÷ reference: below 1 is faster for times, above 1 is better for rates.
+Ratios are keyfs ÷ reference: below 1 is faster for times, above 1 is better for rates. keyfs is the default mode on a sled store; keyfs-etcd is the same default mode on the etcd store, and keyfs-etcd/keyfs compares the two backends.
 
-| operation | unit | tmpfs | gocryptfs | keyfs | keyfs --cache | keyfs/tmpfs | keyfs/gocryptfs | cache/tmpfs | cache/gocryptfs |
-|---|---|---:|---:|---:|---:|---:|---:|---:|---:|
+| operation | unit | tmpfs | gocryptfs | keyfs | keyfs --cache | keyfs-etcd | keyfs/tmpfs | keyfs/gocryptfs | cache/tmpfs | cache/gocryptfs | keyfs-etcd/keyfs |
+|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
 $(row read1 "key read: open+read+close, 1 thread" "µs/op")
 $(row read2 "key read, 2 threads on the same file" "µs/op per thread")
 $(row read2_ops "key read, 2 threads: aggregate" "ops/s")
@@ -737,9 +966,9 @@ $(row tar "\`tar -cf\` of the $TREE_CLIENTS-client tree" "s")
 $(row rot "rotation: write temp + rename (durable on keyfs only)" "rotations/s")
 $(row rotfs "rotation: write temp + fsync + rename (durable everywhere)" "rotations/s")
 
-Entries found by find: tmpfs ${NOTE[find,tmpfs]:-?}, gocryptfs ${NOTE[find,gocryptfs]:-?}, keyfs ${NOTE[find,keyfs]:-?}, keyfs --cache ${NOTE[find,cache]:-?}. Tar size: ${NOTE[tar,keyfs]:-?}.
+Entries found by find: tmpfs ${NOTE[find,tmpfs]:-?}, gocryptfs ${NOTE[find,gocryptfs]:-?}, keyfs ${NOTE[find,keyfs]:-?}, keyfs --cache ${NOTE[find,cache]:-?}$([ "$ETCD" = 1 ] && echo ", keyfs-etcd ${NOTE[find,etcd]:-?}"). Tar size: ${NOTE[tar,keyfs]:-?}.
 
-Daemon memory after the walks (VmRSS): gocryptfs $((GOC_RSS_WALKED / 1024)) MiB, keyfs $((RSS_KEYFS_WALKED / 1024)) MiB, keyfs --cache $((RSS_CACHE_WALKED / 1024)) MiB. Mount of the $TREE_CLIENTS-client tree: gocryptfs $((GOC_MOUNT_US / 1000)) ms (mostly its scrypt password hashing; RSS $((GOC_RSS_MOUNT / 1024)) MiB), keyfs $((KEYFS_TREE_MOUNT_US / 1000)) ms.
+Daemon memory after the walks (VmRSS): gocryptfs $((GOC_RSS_WALKED / 1024)) MiB, keyfs $((RSS_KEYFS_WALKED / 1024)) MiB, keyfs --cache $((RSS_CACHE_WALKED / 1024)) MiB$([ "$ETCD" = 1 ] && echo ", keyfs-etcd $((RSS_ETCD_WALKED / 1024)) MiB (it holds the whole prefix in memory; the etcd server itself $((ETCD_RSS_KB / 1024)) MiB at the end)"). Mount of the $TREE_CLIENTS-client tree: gocryptfs $((GOC_MOUNT_US / 1000)) ms (mostly its scrypt password hashing; RSS $((GOC_RSS_MOUNT / 1024)) MiB), keyfs $((KEYFS_TREE_MOUNT_US / 1000)) ms$([ "$ETCD" = 1 ] && echo ", keyfs-etcd $((ETCD_TREE_MOUNT_US / 1000)) ms (loading the prefix from etcd; RSS $((ETCD_RSS_MOUNT / 1024)) MiB)").
 
 ### keyfs mount time and daemon memory by inventory size
 
@@ -756,7 +985,7 @@ $(for l in "${SIZE_ROWS[@]}"; do
             "$(awk -v v="${RSS_F[$l]}" 'BEGIN { printf "%.1f", v / 1024 }')" "${FINDN[$l]}"
     done)
 
-## SPEC §6 bars
+## Bars (SPEC §6; the keyfs-etcd rows: issue 7)
 
 | bar | measured | verdict |
 |---|---|---|
@@ -767,6 +996,14 @@ $(bar "mount ≤ 1 s at $BIG_K keys" "${BIG_MT_MS} ms" "$(le "$BIG_MT_MS" 1000)"
 $(bar "daemon RSS ≤ 64 MiB at $BIG_K keys (after mount and after a full find)" "${BIG_RSS_MIB} MiB" "$(le "$BIG_RSS_MIB" 64)")
 $(bar "≥ 1,000 durable rotations/s, one thread (write temp, rename)" "$(fmt "${R[rot,keyfs]:-}")/s ($(fmt "${R[rotfs,keyfs]:-}")/s with an fsync of the temp file)" "$(le 1000 "${R[rot,keyfs]:-}")")
 EOF
+    if [ "$ETCD" = 1 ]; then
+        bar "keyfs-etcd key read ≤ 1.10× keyfs on sled, 1 thread (served from the local mirror)" \
+            "$(fmt "${R[read1,etcd]:-}") µs vs $(fmt "${R[read1,keyfs]:-}") µs = ${R_ETCD1:-?}× (within each repetition: $(paired read1 etcd keyfs))" "$(le "$R_ETCD1" 1.10)"
+        bar "keyfs-etcd key read ≤ 1.10× keyfs on sled, 2 threads (per-thread latency)" \
+            "$(fmt "${R[read2,etcd]:-}") µs vs $(fmt "${R[read2,keyfs]:-}") µs = ${R_ETCD2:-?}× (within each repetition: $(paired read2 etcd keyfs))" "$(le "$R_ETCD2" 1.10)"
+        echo
+        echo "Rotations on etcd (no bar; each is two etcd transactions): $(fmt "${R[rot,etcd]:-}")/s, $(fmt "${R[rotfs,etcd]:-}")/s with an fsync of the temp file; ${R_ETCDROT:-?}× keyfs on sled ($(fmt "${R[rot,keyfs]:-}")/s; within each repetition: $(paired rot etcd keyfs))."
+    fi
     if [ "$QUICK" = 1 ]; then
         echo
         echo "Quick run: the size bars are checked at $BIG_K keys, not 100,000."
@@ -776,15 +1013,15 @@ EOF
     echo
     echo "The values behind each median, in the order they ran (same units as above)."
     echo
-    echo "| operation | tmpfs | gocryptfs | keyfs | keyfs --cache |"
-    echo "|---|---|---|---|---|"
+    echo "| operation | tmpfs | gocryptfs | keyfs | keyfs --cache | keyfs-etcd |"
+    echo "|---|---|---|---|---|---|"
     local m
     declare -A ml=([read1]="key read, 1 thread (µs)" [read2]="key read, 2 threads (µs per thread)"
         [read2_ops]="key read, 2 threads (ops/s)" [readeof]="key read to EOF (µs)" [stat]="stat (µs)"
         [find]="find (s)" [lsR]="ls -lR (s)" [tar]="tar (s)" [rot]="rotation (/s)" [rotfs]="rotation + fsync (/s)")
     for m in read1 read2 read2_ops readeof stat find lsR tar rot rotfs; do
-        printf '| %s | %s | %s | %s | %s |\n' "${ml[$m]}" \
-            "$(raw_list "$m" tmpfs)" "$(raw_list "$m" gocryptfs)" "$(raw_list "$m" keyfs)" "$(raw_list "$m" cache)"
+        printf '| %s | %s | %s | %s | %s | %s |\n' "${ml[$m]}" \
+            "$(raw_list "$m" tmpfs)" "$(raw_list "$m" gocryptfs)" "$(raw_list "$m" keyfs)" "$(raw_list "$m" cache)" "$(raw_list "$m" etcd)"
     done
     if [ -n "$PROFILE_MD" ]; then
         echo

@@ -158,6 +158,11 @@ pub enum Changed {
 /// Receives other writers' changes (the mount's kernel-cache invalidation).
 pub type ChangeListener = Box<dyn Fn(&[Changed]) + Send + Sync>;
 
+/// Records a shared store's processes do not keep in memory: the audit log
+/// (it grows with every read and is read only by `keyfs audit` and
+/// `.keyfs/audit`). Its head is mirrored.
+const UNMIRRORED: &[&[u8]] = &[b"a/"];
+
 /// Read audits kept in memory while a shared store is unreachable.
 const MAX_QUEUED_READS: usize = 100_000;
 
@@ -502,7 +507,7 @@ impl Inventory {
     pub fn init(dir: &Path, master: &MasterKey) -> Result<()> {
         let (backend, lock): (Box<dyn Backend>, _) = match etcd_url(dir)? {
             Some(u) => {
-                let b = EtcdBackend::open(&u)?;
+                let b = EtcdBackend::open(&u, UNMIRRORED)?;
                 if !b.scan_prefix(b"")?.is_empty() {
                     return err(
                         Kind::Exists,
@@ -645,7 +650,7 @@ impl Inventory {
     pub fn open(dir: &Path, master: &MasterKey, opts: OpenOptions) -> Result<Inventory> {
         let (backend, lock): (Box<dyn Backend>, _) = match etcd_url(dir)? {
             Some(u) => {
-                let b = EtcdBackend::open(&u)?;
+                let b = EtcdBackend::open(&u, UNMIRRORED)?;
                 if b.get(META_FORMAT)?.is_none() {
                     return Err(store_err(format!(
                         "no keyfs store under {}{}; create one with `keyfs init {}` (or check the prefix)",

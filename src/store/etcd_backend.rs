@@ -29,8 +29,16 @@ const SYNC_WINDOW: Duration = Duration::from_secs(2);
 /// How long a change waits out an outage (an election takes about a second)
 /// before it is refused; once an outage is older, changes are refused at once.
 const GRACE: Duration = Duration::from_secs(5);
-/// Records per page when loading the prefix.
-const PAGE: i64 = 500;
+/// A record every transaction of keyfs also writes (under the prefix; the
+/// 0xff byte keeps it apart from the store's own records, which it never
+/// shows). Its revision is the revision of the last change of the store, which
+/// tells how current the mirror is without etcd's progress notifications:
+/// etcd before 3.4.25 can send those ahead of events still to come
+/// (etcd-io/etcd#15220).
+const MARK: &[u8] = b"\xffkeyfs-last-change";
+/// Records per page when loading the prefix. etcd 3.4 walks the rest of the
+/// range for every page (etcd-io/etcd#11057), so pages are large.
+const PAGE: i64 = 5000;
 /// Largest gRPC message accepted (a page of up to 500 sealed 64 KiB keys).
 const MAX_MESSAGE: usize = 64 << 20;
 
@@ -150,9 +158,16 @@ impl EtcdUrl {
 
 /// The local mirror and what is known about how current it is.
 struct Mirror {
-    kv: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Each record's value and the revision that wrote it.
+    kv: BTreeMap<Vec<u8>, (Vec<u8>, i64)>,
+    /// Records deleted at a revision the watch has not passed yet (so that
+    /// an older event arriving late cannot bring them back).
+    gone: HashMap<Vec<u8>, i64>,
     /// Every change up to this revision is in `kv`.
     rev: i64,
+    /// The latest of this process's own commits, in `kv` already (it may be
+    /// ahead of `rev` until the watch catches up).
+    own_rev: i64,
     /// Last instant the cluster confirmed that `rev` was current.
     synced_at: Instant,
     /// The last heartbeat or watch attempt reached the cluster.
@@ -173,8 +188,11 @@ struct Shared {
     prefix: Vec<u8>,
     name: String,
     stop: AtomicBool,
-    /// Where `request_progress` goes (the live watch stream's sender).
-    progress: tokio::sync::Mutex<Option<ec::WatchRequestSender>>,
+    /// Sub-prefixes kept out of the mirror (read from the cluster when asked).
+    unmirrored: Vec<Vec<u8>>,
+    /// Revisions of this process's own recent commits: their watch events
+    /// update the mirror but are not reported as other writers' changes.
+    own: Mutex<std::collections::VecDeque<i64>>,
 }
 
 impl Shared {
@@ -186,17 +204,31 @@ impl Shared {
         k.strip_prefix(self.prefix.as_slice())
     }
 
-    /// Apply watch events (already stripped of the prefix) and advance to `rev`.
-    fn apply(&self, events: Vec<(Vec<u8>, Option<Vec<u8>>)>, rev: i64) {
+    fn is_unmirrored(&self, k: &[u8]) -> bool {
+        self.unmirrored.iter().any(|u| k.starts_with(u))
+    }
+
+    fn remember_own(&self, rev: i64) {
+        let mut o = self.own.lock().unwrap_or_else(|p| p.into_inner());
+        if o.len() >= 256 {
+            o.pop_front();
+        }
+        o.push_back(rev);
+    }
+
+    /// Apply watch events (already stripped of the prefix, with their
+    /// revisions) and advance to `rev`.
+    fn apply(&self, events: Vec<(Vec<u8>, Option<Vec<u8>>, i64)>, rev: i64) {
         let mut changes = Vec::with_capacity(events.len());
+        let own = self.own.lock().unwrap_or_else(|p| p.into_inner()).clone();
         {
             let mut m = self.lock();
-            for (k, v) in events {
-                let before = match &v {
-                    Some(v) => m.kv.insert(k.clone(), v.clone()),
-                    None => m.kv.remove(&k),
+            for (k, v, at) in events {
+                let Some(before) = Self::put(&mut m, &k, v.clone(), at) else {
+                    continue;
                 };
-                if before != v {
+                // Our own commits already invalidated what they changed.
+                if before != v && !own.contains(&at) {
                     changes.push(Change {
                         key: k,
                         before,
@@ -206,6 +238,8 @@ impl Shared {
             }
             if rev > m.rev {
                 m.rev = rev;
+                let r = m.rev;
+                m.gone.retain(|_, at| *at > r);
             }
             Self::confirm(&mut m);
         }
@@ -213,23 +247,62 @@ impl Shared {
         self.tell(&changes);
     }
 
+    /// Set `k` to `v` (`None`: deleted) as of revision `at`, unless the
+    /// mirror already has a later state of it. Returns the value before, or
+    /// `None` when nothing changed.
+    #[allow(clippy::option_option)]
+    fn put(m: &mut Mirror, k: &[u8], v: Option<Vec<u8>>, at: i64) -> Option<Option<Vec<u8>>> {
+        let known =
+            m.kv.get(k)
+                .map(|(_, r)| *r)
+                .or_else(|| m.gone.get(k).copied())
+                .unwrap_or(0);
+        if at <= known {
+            return None;
+        }
+        Some(match v {
+            Some(v) => {
+                m.gone.remove(k);
+                m.kv.insert(k.to_vec(), (v, at)).map(|(b, _)| b)
+            }
+            None => {
+                m.gone.insert(k.to_vec(), at);
+                m.kv.remove(k).map(|(b, _)| b)
+            }
+        })
+    }
+
+    /// This process's own transaction, committed at revision `rev`: into
+    /// the mirror at once, so that the process reads its own writes even
+    /// while its watch is reconnecting (its echo is then ignored).
+    fn apply_own(&self, writes: &HashMap<&[u8], Option<&[u8]>>, rev: i64) {
+        self.remember_own(rev);
+        let mut m = self.lock();
+        m.own_rev = m.own_rev.max(rev);
+        for (k, v) in writes {
+            if !self.is_unmirrored(k) {
+                Self::put(&mut m, k, v.map(|v| v.to_vec()), rev);
+            }
+        }
+    }
+
     /// Replace the whole mirror (after a compaction made the watch's
     /// revision unavailable), reporting every difference.
-    fn replace(&self, kv: BTreeMap<Vec<u8>, Vec<u8>>, rev: i64) {
+    fn replace(&self, kv: BTreeMap<Vec<u8>, (Vec<u8>, i64)>, rev: i64) {
         let mut changes = Vec::new();
         {
             let mut m = self.lock();
-            for (k, v) in &m.kv {
+            for (k, (v, _)) in &m.kv {
                 match kv.get(k) {
-                    Some(n) if n == v => {}
+                    Some((n, _)) if n == v => {}
                     n => changes.push(Change {
                         key: k.clone(),
                         before: Some(v.clone()),
-                        after: n.cloned(),
+                        after: n.map(|(n, _)| n.clone()),
                     }),
                 }
             }
-            for (k, v) in &kv {
+            for (k, (v, _)) in &kv {
                 if !m.kv.contains_key(k) {
                     changes.push(Change {
                         key: k.clone(),
@@ -239,6 +312,7 @@ impl Shared {
                 }
             }
             m.kv = kv;
+            m.gone.clear();
             m.rev = rev;
             Self::confirm(&mut m);
         }
@@ -506,19 +580,21 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
-/// Load every record under `prefix` at one revision, a page at a time.
-async fn load(
+/// Every record in `[from, end)` (keys stripped of the first `strip`
+/// bytes) at revision `rev` (0: the current one, which is returned), a page
+/// at a time.
+async fn read_range(
     client: &ec::Client,
-    prefix: &[u8],
-) -> std::result::Result<(BTreeMap<Vec<u8>, Vec<u8>>, i64), ec::Error> {
+    mut from: Vec<u8>,
+    end: &[u8],
+    strip: usize,
+    mut rev: i64,
+    out: &mut BTreeMap<Vec<u8>, (Vec<u8>, i64)>,
+) -> std::result::Result<i64, ec::Error> {
     let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
-    let end = prefix_end(prefix);
-    let mut out = BTreeMap::new();
-    let mut from = prefix.to_vec();
-    let mut rev = 0i64;
     loop {
         let mut o = ec::GetOptions::new()
-            .with_range(end.clone())
+            .with_range(end.to_vec())
             .with_limit(PAGE)
             .with_sort(ec::SortTarget::Key, ec::SortOrder::Ascend);
         if rev > 0 {
@@ -531,7 +607,10 @@ async fn load(
         let more = r.more();
         let mut last = None;
         for e in r.kvs() {
-            out.insert(e.key()[prefix.len()..].to_vec(), e.value().to_vec());
+            out.insert(
+                e.key()[strip..].to_vec(),
+                (e.value().to_vec(), e.mod_revision()),
+            );
             last = Some(e.key().to_vec());
         }
         match (more, last) {
@@ -539,14 +618,56 @@ async fn load(
                 l.push(0);
                 from = l;
             }
-            _ => return Ok((out, rev)),
+            _ => return Ok(rev),
         }
     }
 }
 
+/// Load every mirrored record under `prefix` at one revision: the prefix
+/// minus its `unmirrored` sub-prefixes.
+async fn load(
+    client: &ec::Client,
+    prefix: &[u8],
+    unmirrored: &[Vec<u8>],
+) -> std::result::Result<(BTreeMap<Vec<u8>, (Vec<u8>, i64)>, i64), ec::Error> {
+    let mut out = BTreeMap::new();
+    let mut rev = 0;
+    let mut start = prefix.to_vec();
+    let mut skip: Vec<Vec<u8>> = unmirrored
+        .iter()
+        .map(|u| [prefix, u.as_slice()].concat())
+        .collect();
+    skip.sort();
+    for u in skip.iter().chain(std::iter::once(&prefix_end(prefix))) {
+        if start < *u {
+            rev = read_range(client, start.clone(), u, prefix.len(), rev, &mut out).await?;
+        }
+        start = prefix_end(u);
+    }
+    if rev == 0 {
+        // Nothing was read (everything is unmirrored): learn the revision.
+        rev = client
+            .kv_client()
+            .get(
+                prefix.to_vec(),
+                Some(ec::GetOptions::new().with_count_only()),
+            )
+            .await?
+            .header()
+            .map(|h| h.revision())
+            .unwrap_or(0);
+    }
+    out.remove(MARK);
+    Ok((out, rev))
+}
+
 impl EtcdBackend {
-    /// Connect, load the prefix and start following it.
-    pub fn open(url: &EtcdUrl) -> Result<EtcdBackend> {
+    /// Connect, load the prefix and start following it. Records under the
+    /// `unmirrored` sub-prefixes (an append-only log, say, that is rarely
+    /// read and grows without bound) are not kept in memory: reads of them
+    /// go to the cluster.
+    pub fn open(url: &EtcdUrl, unmirrored: &[&[u8]]) -> Result<EtcdBackend> {
+        let unmirrored: Vec<Vec<u8>> = unmirrored.iter().map(|u| u.to_vec()).collect();
         let name = url.display();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -560,13 +681,16 @@ impl EtcdBackend {
         let (kv, rev) = rt
             .block_on(pool.run(is_transport, |c| {
                 let prefix = prefix.clone();
-                async move { load(&c, &prefix).await }
+                let unmirrored = unmirrored.clone();
+                async move { load(&c, &prefix, &unmirrored).await }
             }))
             .map_err(|e| unavailable(&name, &e))?;
         let shared = Arc::new(Shared {
             m: Mutex::new(Mirror {
                 kv,
+                gone: HashMap::new(),
                 rev,
+                own_rev: 0,
                 synced_at: Instant::now(),
                 reachable: true,
                 confirm: None,
@@ -578,56 +702,80 @@ impl EtcdBackend {
             prefix,
             name,
             stop: AtomicBool::new(false),
-            progress: tokio::sync::Mutex::new(None),
+            unmirrored,
+            own: Default::default(),
         });
         rt.spawn(follow(pool.clone(), shared.clone()));
         rt.spawn(heartbeat(pool.clone(), shared.clone()));
         Ok(EtcdBackend { rt, pool, shared })
     }
 
-    /// Ask the watch to report its progress, so the mirror's revision
-    /// advances even when nothing under the prefix changed.
-    fn request_progress(&self) {
-        let shared = self.shared.clone();
-        self.rt.spawn(async move {
-            if let Some(s) = shared.progress.lock().await.as_mut() {
-                let _ = s.request_progress().await;
+    /// The revision of the store's last change, read linearizably (so it
+    /// needs a quorum); 0 for a store nothing has written to yet.
+    fn last_change(&self) -> std::result::Result<i64, ec::Error> {
+        let mark = self.key(MARK);
+        self.rt.block_on(async {
+            match tokio::time::timeout(REQUEST_TIMEOUT, last_change(&self.pool, &mark)).await {
+                Ok(r) => r,
+                Err(_) => Err(ec::Error::WatchError("no answer within 3 s".into())),
             }
-        });
+        })
+    }
+
+    /// After a conflict: wait until the mirror has every change up to now,
+    /// so that the caller's retry reads what beat it.
+    fn catch_up(&self) {
+        if let Ok(rev) = self.last_change() {
+            self.shared.wait_for(rev, Duration::from_secs(1));
+        }
     }
 
     fn key(&self, k: &[u8]) -> Vec<u8> {
         [self.shared.prefix.as_slice(), k].concat()
     }
 
+    /// Records in `[from, end)` (full etcd keys), read from the cluster at
+    /// the revision the mirror is at, so that they agree with every mirrored
+    /// record (the audit log with its head, say); keys are returned relative
+    /// to the prefix. If that revision was compacted meanwhile, the current
+    /// one is read.
+    fn read_cluster(&self, from: Vec<u8>, end: Vec<u8>) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
+        let strip = self.shared.prefix.len();
+        // (At our own latest commit, if the watch has not passed it yet: the
+        // mirror holds it, and every write of the prefix before it.)
+        let at = {
+            let m = self.shared.lock();
+            m.rev.max(m.own_rev)
+        };
+        let read = |rev: i64| {
+            self.rt.block_on(self.pool.run(is_transport, |c| {
+                let (from, end) = (from.clone(), end.clone());
+                async move {
+                    let mut out = BTreeMap::new();
+                    read_range(&c, from, &end, strip, rev, &mut out).await?;
+                    out.remove(MARK);
+                    Ok(out.into_iter().map(|(k, (v, _))| (k, v)).collect())
+                }
+            }))
+        };
+        match read(at) {
+            Err(e) if brief(&e).contains("compacted") => read(0),
+            r => r,
+        }
+        .map_err(|e| unavailable(&self.shared.name, &e))
+    }
+
     /// Ask the cluster now whether it has a quorum (a linearizable read).
     fn probe(&self) -> bool {
-        let probe = self.key(b"m/format");
-        // The timer must be made inside the runtime (it needs its reactor).
-        let r = self.rt.block_on(async {
-            tokio::time::timeout(
-                REQUEST_TIMEOUT,
-                self.pool.run(is_transport, |c| {
-                    let probe = probe.clone();
-                    async move {
-                        c.kv_client()
-                            .get(probe, Some(ec::GetOptions::new().with_count_only()))
-                            .await
-                    }
-                }),
-            )
-            .await
-        });
-        match r {
-            Ok(Ok(_)) => {
+        match self.last_change() {
+            Ok(_) => {
                 self.shared.set_reachable(true, "");
                 true
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 self.shared.set_reachable(false, &brief(&e));
                 false
             }
-            Err(_) => false,
         }
     }
 
@@ -657,18 +805,24 @@ impl EtcdBackend {
         }))?;
         let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
         let mut now: HashMap<&[u8], Option<Vec<u8>>> = HashMap::new();
+        // The revision that wrote the transaction's puts (one for all of them).
+        let mut wrote = 0;
         for (k, r) in keys.iter().zip(resp.op_responses()) {
             if let ec::TxnOpResponse::Get(g) = r {
-                now.insert(k, g.kvs().first().map(|kv| kv.value().to_vec()));
+                let kv = g.kvs().first();
+                if writes.get(k).is_some_and(|v| v.is_some()) {
+                    wrote = wrote.max(kv.map(|kv| kv.mod_revision()).unwrap_or(0));
+                }
+                now.insert(k, kv.map(|kv| kv.value().to_vec()));
             }
         }
         let is = |k: &[u8], v: &Option<&[u8]>| now.get(k).map(|n| n.as_deref()) == Some(*v);
         if writes.iter().all(|(k, v)| is(k, v)) {
-            Ok(Fate::Applied(rev))
+            Ok(Fate::Applied(if wrote > 0 { wrote } else { rev }))
         } else if guards.iter().all(|(k, v)| is(k, v)) {
             Ok(Fate::NotApplied)
         } else {
-            Ok(Fate::Conflict(rev))
+            Ok(Fate::Conflict)
         }
     }
 }
@@ -677,7 +831,7 @@ impl EtcdBackend {
 enum Fate {
     Applied(i64),
     NotApplied,
-    Conflict(i64),
+    Conflict,
 }
 
 impl Drop for EtcdBackend {
@@ -696,12 +850,10 @@ async fn follow(pool: Arc<Pool>, shared: Arc<Shared>) {
         let start = shared.lock().rev + 1;
         let opts = ec::WatchOptions::new()
             .with_prefix()
-            .with_start_revision(start)
-            .with_progress_notify();
+            .with_start_revision(start);
         match wc.watch(shared.prefix.clone(), Some(opts)).await {
             Ok(stream) => {
-                let (sender, mut rx) = stream.split();
-                *shared.progress.lock().await = Some(sender);
+                let (_sender, mut rx) = stream.split();
                 loop {
                     if shared.stop.load(Ordering::Acquire) {
                         return;
@@ -716,7 +868,8 @@ async fn follow(pool: Arc<Pool>, shared: Arc<Shared>) {
                                 match pool
                                     .run(is_transport, |c| {
                                         let prefix = shared.prefix.clone();
-                                        async move { load(&c, &prefix).await }
+                                        let unmirrored = shared.unmirrored.clone();
+                                        async move { load(&c, &prefix, &unmirrored).await }
                                     })
                                     .await
                                 {
@@ -733,12 +886,13 @@ async fn follow(pool: Arc<Pool>, shared: Arc<Shared>) {
                                 );
                                 break;
                             }
-                            // How far the mirror may advance. Events carry
-                            // their own revisions. The header's revision is
-                            // trusted only on a progress notification (sent
-                            // when the watch has caught up): on a creation
-                            // answer, or a batch cut at etcd's 1,000-revision
-                            // limit, more events may follow below it.
+                            // How far the mirror advances: to the events'
+                            // own revisions (every change writes the mark, so
+                            // the last change's revision always arrives). A
+                            // header's revision is not trusted: on a creation
+                            // answer, a batch cut at etcd's 1,000-revision
+                            // limit, or a progress notification (#15220),
+                            // more events may follow below it.
                             let mut rev = 0;
                             let mut events = Vec::with_capacity(resp.events().len());
                             for ev in resp.events() {
@@ -747,16 +901,17 @@ async fn follow(pool: Arc<Pool>, shared: Arc<Shared>) {
                                 let Some(k) = shared.strip(kv.key()) else {
                                     continue;
                                 };
+                                if shared.is_unmirrored(k) || k == MARK {
+                                    continue;
+                                }
                                 events.push((
                                     k.to_vec(),
                                     match ev.event_type() {
                                         ec::EventType::Put => Some(kv.value().to_vec()),
                                         ec::EventType::Delete => None,
                                     },
+                                    kv.mod_revision(),
                                 ));
-                            }
-                            if resp.events().is_empty() && !resp.created() {
-                                rev = resp.header().map(|h| h.revision()).unwrap_or(0);
                             }
                             shared.apply(events, rev);
                         }
@@ -772,7 +927,6 @@ async fn follow(pool: Arc<Pool>, shared: Arc<Shared>) {
                         }
                     }
                 }
-                *shared.progress.lock().await = None;
             }
             Err(e) => {
                 shared.set_reachable(false, &brief(&e));
@@ -786,34 +940,33 @@ async fn follow(pool: Arc<Pool>, shared: Arc<Shared>) {
 /// Once per [`HEARTBEAT`], read the cluster's revision linearizably (which
 /// needs a quorum); the mirror is current as of that read once it reaches
 /// that revision.
+/// The revision of the last change of the store (the mark's), read
+/// linearizably from the member in use (or the next ones).
+async fn last_change(pool: &Pool, mark: &[u8]) -> std::result::Result<i64, ec::Error> {
+    let resp = pool
+        .run(is_transport, |c| {
+            let mark = mark.to_vec();
+            async move { c.kv_client().get(mark, None).await }
+        })
+        .await?;
+    Ok(resp.kvs().first().map(|kv| kv.mod_revision()).unwrap_or(0))
+}
+
+/// Once per [`HEARTBEAT`], read the revision of the store's last change
+/// linearizably (which needs a quorum): the mirror is current as of that
+/// read once it has reached that revision.
 async fn heartbeat(pool: Arc<Pool>, shared: Arc<Shared>) {
-    let probe = [shared.prefix.as_slice(), b"m/format"].concat();
+    let mark = [shared.prefix.as_slice(), MARK].concat();
     while !shared.stop.load(Ordering::Acquire) {
         let t = Instant::now();
-        let r = tokio::time::timeout(
-            REQUEST_TIMEOUT * 2,
-            pool.run(is_transport, |c| {
-                let probe = probe.clone();
-                async move {
-                    c.kv_client()
-                        .get(probe, Some(ec::GetOptions::new().with_count_only()))
-                        .await
-                }
-            }),
-        )
-        .await;
-        match r {
-            Ok(Ok(resp)) => {
-                let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+        match tokio::time::timeout(REQUEST_TIMEOUT * 2, last_change(&pool, &mark)).await {
+            Ok(Ok(rev)) => {
                 {
                     let mut m = shared.lock();
                     m.confirm = Some((rev, t));
                     Shared::confirm(&mut m);
                 }
                 shared.set_reachable(true, "");
-                if let Some(s) = shared.progress.lock().await.as_mut() {
-                    let _ = s.request_progress().await;
-                }
             }
             Ok(Err(e)) => shared.set_reachable(false, &brief(&e)),
             Err(_) => shared.set_reachable(false, "no answer within 3 s"),
@@ -824,15 +977,33 @@ async fn heartbeat(pool: Arc<Pool>, shared: Arc<Shared>) {
 
 impl Backend for EtcdBackend {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self.shared.lock().kv.get(key).cloned())
+        if self.shared.is_unmirrored(key) {
+            let full = self.key(key);
+            let end = [full.as_slice(), b"\0"].concat();
+            let mut out = self.read_cluster(full, end)?;
+            return Ok(out.remove(key));
+        }
+        Ok(self.shared.lock().kv.get(key).map(|(v, _)| v.clone()))
     }
 
     fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        if self
+            .shared
+            .unmirrored
+            .iter()
+            .any(|u| u.starts_with(prefix) || prefix.starts_with(u))
+        {
+            // (Part of) the range is not mirrored: read all of it, at one
+            // revision, from the cluster.
+            let full = self.key(prefix);
+            let end = prefix_end(&full);
+            return Ok(self.read_cluster(full, end)?.into_iter().collect());
+        }
         let m = self.shared.lock();
         Ok(m.kv
             .range(prefix.to_vec()..)
             .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, (v, _))| (k.clone(), v.clone()))
             .collect())
     }
 
@@ -868,6 +1039,8 @@ impl Backend for EtcdBackend {
                 None => ec::TxnOp::delete(self.key(k), None),
             })
             .collect();
+        let mut ops = ops;
+        ops.push(ec::TxnOp::put(self.key(MARK), Vec::new(), None));
         let n_ops = ops.len();
         let t = ec::Txn::new().when(compares).and_then(ops);
         // Whether a lost answer hides an applied change (`Some(cause)`).
@@ -904,13 +1077,12 @@ impl Backend for EtcdBackend {
                 match self.fate(&guards, &writes) {
                     Ok(Fate::Applied(rev)) => {
                         self.shared.set_reachable(true, "");
-                        self.shared.wait_for(rev, REQUEST_TIMEOUT);
+                        self.shared.apply_own(&writes, rev);
                         return Ok(TxnOutcome::Committed);
                     }
-                    Ok(Fate::Conflict(rev)) => {
+                    Ok(Fate::Conflict) => {
                         self.shared.set_reachable(true, "");
-                        self.request_progress();
-                        self.shared.wait_for(rev, Duration::from_secs(1));
+                        self.catch_up();
                         return Ok(TxnOutcome::Conflict);
                     }
                     // Not applied, and it never can be (its guards would
@@ -936,19 +1108,13 @@ impl Backend for EtcdBackend {
         self.shared.set_reachable(true, "");
         let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
         if resp.succeeded() {
-            // Read-your-writes: the watch brings our own change into the mirror.
-            if !self.shared.wait_for(rev, REQUEST_TIMEOUT) {
-                log::warn!(
-                    "etcd {}: the watch has not delivered revision {rev} of this host's own change yet; local reads may lag",
-                    self.shared.name
-                );
-            }
+            // Read-your-writes without waiting for the watch's echo.
+            self.shared.apply_own(&writes, rev);
             Ok(TxnOutcome::Committed)
         } else {
             // Someone else changed what we read: let the mirror catch up
             // before the caller re-reads and retries.
-            self.request_progress();
-            self.shared.wait_for(rev, Duration::from_secs(1));
+            self.catch_up();
             Ok(TxnOutcome::Conflict)
         }
     }
@@ -988,7 +1154,9 @@ impl Backend for EtcdBackend {
 
     fn size_on_disk(&self) -> u64 {
         let m = self.shared.lock();
-        m.kv.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum()
+        m.kv.iter()
+            .map(|(k, (v, _))| (k.len() + v.len()) as u64)
+            .sum()
     }
 
     fn shared(&self) -> bool {

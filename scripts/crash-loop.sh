@@ -116,12 +116,16 @@ for name, vs in inv.items():
             problems.append(f"{name} v{v['version']} ({v['state']}) holds content no writer wrote")
 # Every acknowledged write is present unless a later acknowledged destroy of that key
 # may have removed it (destroy removes only the current version).
+# A destruction counts whether or not it was acknowledged: one that was in
+# flight when the daemon died may have committed (its reply never arrived).
 acked = lines("acked")
+attempts = lines("attempted")
 for i, (op, key, s) in enumerate(acked):
     if op != "write":
         continue
     fps = {v.get("fingerprint") for v in inv.get(key, []) if v["state"] != "destroyed"}
-    later_destroy = any(o == "destroy" and k == key for o, k, _ in acked[i + 1:])
+    at = attempts.index([op, key, s])
+    later_destroy = any(o == "destroy" and k == key for o, k, _ in attempts[at + 1:])
     if s not in fps and not later_destroy:
         problems.append(f"acknowledged write of {key} ({s[:12]}…) is missing")
 # The last acknowledged operation on each key decides whether it exists... unless an

@@ -1291,3 +1291,35 @@ fn a_refused_new_file_frees_its_name_when_close_returns() {
         "creates right after a refused close that got EEXIST (of 1000)"
     );
 }
+
+/// Every close of a refused new file reports the refusal, not only the first:
+/// a copy of the descriptor (a `dup`, or one a forked child inherited and
+/// closed at exec) can be closed before the writer's own.
+#[test]
+fn every_close_of_a_refused_new_file_reports_the_refusal() {
+    use std::os::unix::io::{AsRawFd, IntoRawFd};
+    let m = Mounted::new(&["--sealed", "--mkdir-generates=none"]);
+    std::fs::create_dir(m.path(ALICE)).unwrap();
+    let p = m.path(&format!("{ALICE}/hmac"));
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&p)
+        .unwrap();
+    std::io::Write::write_all(&mut &f, b"not a sealed file").unwrap();
+    // SAFETY: dup(2) of a descriptor `f` owns; the copy is closed once below.
+    let copy = unsafe { libc::dup(f.as_raw_fd()) };
+    assert!(copy >= 0);
+    let close = |fd: i32| {
+        // SAFETY: each descriptor is closed exactly once, here.
+        let r = unsafe { libc::close(fd) };
+        (r, std::io::Error::last_os_error().raw_os_error())
+    };
+    assert_eq!(close(copy), (-1, Some(libc::EINVAL)), "first close");
+    assert_eq!(
+        close(f.into_raw_fd()),
+        (-1, Some(libc::EINVAL)),
+        "the writer's own close, after a copy's"
+    );
+    assert!(!p.exists(), "the refused file stays absent");
+}

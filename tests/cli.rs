@@ -376,15 +376,7 @@ impl Env {
     }
 }
 
-/// Open the store's sled database directly (no keyfs process may hold it),
-/// run `f`, flush and close.
-fn with_db<R>(store: &Path, f: impl FnOnce(&sled::Db) -> R) -> R {
-    let db = sled::open(store.join("db")).expect("open the store's sled db");
-    let r = f(&db);
-    db.flush().expect("flush");
-    drop(db);
-    r
-}
+use crate::common::with_db;
 
 /// Decrypt an export bundle with its key file, as a recipient would.
 fn open_bundle(bundle: &Path, key_file: &Path) -> Value {

@@ -1225,3 +1225,34 @@ impl Drop for EtcdCluster {
         }
     }
 }
+
+/// Open a store's sled database directly from the test process. Another
+/// test's forked child can hold a copy of the descriptor that locks it for a
+/// moment (until it execs), and a keyfs process that just exited may still be
+/// releasing it: retry the lock for up to 5 s.
+#[track_caller]
+pub fn open_sled(db: &Path) -> sled::Db {
+    let start = Instant::now();
+    loop {
+        match sled::open(db) {
+            Ok(d) => return d,
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && start.elapsed() < Duration::from_secs(5) =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("open the store's sled db {}: {e:?}", db.display()),
+        }
+    }
+}
+
+/// Open the store's sled database directly (no keyfs process may serve the
+/// store), run `f`, flush and close.
+pub fn with_db<R>(store: &Path, f: impl FnOnce(&sled::Db) -> R) -> R {
+    let db = open_sled(&store.join("db"));
+    let r = f(&db);
+    db.flush().expect("flush");
+    drop(db);
+    r
+}

@@ -259,15 +259,7 @@ fn ec_key(dir: &Path, name: &str, curve: &str) -> (Vec<u8>, Vec<u8>) {
     (std::fs::read(&key).unwrap(), public)
 }
 
-/// Open the store's sled database directly (the store must not be served),
-/// run `f`, flush and close.
-fn with_db<R>(store: &Path, f: impl FnOnce(&sled::Db) -> R) -> R {
-    let db = sled::open(store.join("db")).expect("open the store's sled db");
-    let r = f(&db);
-    db.flush().expect("flush");
-    drop(db);
-    r
-}
+use crate::common::with_db;
 
 /// The sled key of the sealed record of a key version (docs/FORMAT.md §2:
 /// `b/` || entry id u64 || version u32; a key's inode number is its entry id).

@@ -106,6 +106,10 @@ struct Handle {
     amend: Option<(u64, u32)>,
     /// The name was unlinked while open: reads and writes go on, nothing is committed.
     discarded: bool,
+    /// Why the content of this new file was refused at a close: every later
+    /// close of a descriptor of the same open file reports it too (a copy
+    /// inherited by a forked child can be closed first).
+    refused: Option<Error>,
     /// Attributes when opened, served by fstat after the file is unlinked.
     snapshot: Option<Attr>,
     /// When uncommitted content last changed (write, truncate): stat shows it
@@ -251,19 +255,42 @@ impl Core {
                     v.push(Inval::Inode(Ino::Node(id).raw()));
                     v.push(Inval::Inode(Ino::Pub(id).raw()));
                     v.push(Inval::Inode(Ino::Old(id).raw()));
-                    for n in before.iter().chain(after.iter()) {
-                        v.extend(self.inval_name(Ino::Node(n.parent).raw(), &n.name, &[]));
-                        if let Some(k) = n.key() {
-                            for ver in k.current.iter().chain(k.archived.iter()) {
-                                v.push(Inval::Inode(Ino::Ver(id, ver.ver).raw()));
-                                if ver.archived_at != 0 {
-                                    v.push(Inval::Entry(
-                                        Ino::Old(id).raw(),
-                                        format_ts(ver.archived_at).into_bytes(),
-                                    ));
-                                }
-                            }
+                    // Its name, when it appeared, went away or moved.
+                    let place = |n: &Option<Box<crate::inventory::node::Node>>| {
+                        n.as_ref().map(|n| (n.parent, n.name.clone()))
+                    };
+                    if place(before) != place(after) {
+                        for n in before.iter().chain(after.iter()) {
+                            v.extend(self.inval_name(Ino::Node(n.parent).raw(), &n.name, &[]));
                         }
+                    }
+                    // Versions that left `<name>.old/` (rolled back, destroyed)
+                    // or whose attributes changed. New ones need nothing: the
+                    // kernel does not cache names it never saw.
+                    let versions = |n: &Option<Box<crate::inventory::node::Node>>| {
+                        n.as_ref()
+                            .and_then(|n| n.key().cloned())
+                            .map(|k| k.archived)
+                            .unwrap_or_default()
+                    };
+                    let (old, new) = (versions(before), versions(after));
+                    for ver in old.iter().filter(|o| !new.contains(o)) {
+                        v.push(Inval::Inode(Ino::Ver(id, ver.ver).raw()));
+                        v.push(Inval::Entry(
+                            Ino::Old(id).raw(),
+                            format_ts(ver.archived_at).into_bytes(),
+                        ));
+                    }
+                    let attrs_changed = match (before, after) {
+                        (Some(b), Some(a)) => (b.perm, b.uid, b.gid) != (a.perm, a.uid, a.gid),
+                        _ => false,
+                    };
+                    if attrs_changed {
+                        // Archived versions take their owner and mode from the key.
+                        v.extend(
+                            new.iter()
+                                .map(|ver| Inval::Inode(Ino::Ver(id, ver.ver).raw())),
+                        );
                     }
                 }
             }
@@ -712,6 +739,7 @@ impl Core {
                 failed: false,
                 amend: None,
                 discarded: false,
+                refused: None,
                 touched: None,
                 resized: false,
                 snapshot: Some(a.clone()),
@@ -784,6 +812,7 @@ impl Core {
                 failed: false,
                 amend: None,
                 discarded: false,
+                refused: None,
                 touched: None,
                 resized: false,
                 snapshot,
@@ -854,6 +883,7 @@ impl Core {
                 failed: false,
                 amend: None,
                 discarded: false,
+                refused: None,
                 touched: None,
                 resized: false,
                 snapshot: None,
@@ -948,9 +978,17 @@ impl Core {
                 &String::from_utf8_lossy(&name),
             )?;
         }
+        if let Some(e) = self
+            .state()
+            .handles
+            .get(&fh)
+            .and_then(|h| h.refused.clone())
+        {
+            return Err(e);
+        }
         let r = self.commit(fh);
-        if r.is_err() {
-            self.drop_refused_new(fh);
+        if let Err(e) = &r {
+            self.drop_refused_new(fh, e);
         }
         r
     }
@@ -958,7 +996,7 @@ impl Core {
     /// A new file whose content was refused at close: free its name now,
     /// not when the kernel's asynchronous RELEASE arrives, so that an
     /// immediate retry (`cp` creates with O_CREAT|O_EXCL) does not get EEXIST.
-    fn drop_refused_new(&self, fh: u64) {
+    fn drop_refused_new(&self, fh: u64, why: &Error) {
         let mut st = self.state();
         let Some(h) = st.handles.get_mut(&fh) else {
             return;
@@ -971,6 +1009,7 @@ impl Core {
             Inval::Inode(h.ino),
         ];
         h.discarded = true;
+        h.refused = Some(why.clone());
         drop(st);
         self.invalidate(inv);
     }

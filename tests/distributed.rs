@@ -1246,8 +1246,17 @@ fn distributed_a_host_that_missed_compacted_revisions_resynchronises() {
     // B stops (as a host whose network is down would), and the member its
     // watch goes through (the first one) goes away, so that nothing of what
     // follows can reach B on that watch ...
+    /// Resumes B however the test ends (a stopped daemon cannot unmount).
+    struct Resume(i32);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) on our own child process.
+            unsafe { libc::kill(self.0, libc::SIGCONT) };
+        }
+    }
     // SAFETY: kill(2) on our own child process.
     assert_eq!(unsafe { libc::kill(b_pid, libc::SIGSTOP) }, 0);
+    let resume = Resume(b_pid);
     h.cluster.kill(0);
     // ... while A rotates the key and removes another one ...
     let new = rand_bytes(32);
@@ -1260,8 +1269,7 @@ fn distributed_a_host_that_missed_compacted_revisions_resynchronises() {
     h.cluster
         .etcdctl_on(1, &["compact", &rev.to_string(), "--physical"])
         .assert_ok();
-    // SAFETY: as above.
-    assert_eq!(unsafe { libc::kill(b_pid, libc::SIGCONT) }, 0);
+    drop(resume);
 
     let t = Instant::now();
     let d = seen(

@@ -16,6 +16,8 @@ use std::path::Path;
 pub struct SledBackend {
     db: std::mem::ManuallyDrop<sled::Db>,
     fenced: std::sync::Mutex<Option<Error>>,
+    /// `fenced` is set (checked first, so the read path takes no lock).
+    is_fenced: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for SledBackend {
@@ -51,6 +53,7 @@ impl SledBackend {
                     return Ok(SledBackend {
                         db: std::mem::ManuallyDrop::new(db),
                         fenced: std::sync::Mutex::new(None),
+                        is_fenced: std::sync::atomic::AtomicBool::new(false),
                     })
                 }
                 Err(sled::Error::Io(ref io)) if is_lock_error(io) => {
@@ -78,6 +81,9 @@ impl SledBackend {
 
     /// Fail at once when an earlier write failed.
     fn check(&self) -> Result<()> {
+        if !self.is_fenced.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
         match self.fence_error() {
             Some(e) => Err(e),
             None => Ok(()),
@@ -100,7 +106,10 @@ impl SledBackend {
         };
         log::error!("{}", err.message());
         let mut f = self.fenced.lock().unwrap_or_else(|p| p.into_inner());
-        f.get_or_insert(err).clone()
+        let e = f.get_or_insert(err).clone();
+        self.is_fenced
+            .store(true, std::sync::atomic::Ordering::Release);
+        e
     }
 }
 

@@ -1478,3 +1478,78 @@ fn distributed_tls_with_client_certificates() {
         );
     }
 }
+
+/// A change larger than the cluster accepts in one transaction (etcd's
+/// default `--max-txn-ops` is 128) is refused whole, with the flags to
+/// raise, and the store is left as it was.
+#[test]
+fn distributed_a_change_too_large_for_the_cluster_is_refused_whole() {
+    require_root_and_fuse();
+    // The TLS member runs with etcd's default limits.
+    let e = TlsEtcd::new();
+    let url = e.url(
+        "keyfs-big",
+        &format!(
+            "cacert={}&cert={}&key={}",
+            e.file("ca.pem"),
+            e.file("client.pem"),
+            e.file("client.key")
+        ),
+    );
+    let mk = e.dir.path().join("master.key");
+    keyfs(&[
+        OsStr::new("init"),
+        OsStr::new(&url),
+        OsStr::new("--generate-master-key"),
+        mk.as_os_str(),
+    ])
+    .assert_ok();
+    let mk_s = mk.to_str().unwrap();
+    // 45 clients x 3 stored keys: a rewrap re-wraps 135 data keys at once.
+    for i in 0..45 {
+        keyfs(&[
+            "--master-key-file",
+            mk_s,
+            "generate",
+            "--store",
+            &url,
+            "--client-id",
+            &format!("client{i:03}"),
+        ])
+        .assert_ok();
+    }
+    let before = keyfs(&["--master-key-file", mk_s, "list", "--store", &url, "--json"]);
+    before.assert_ok();
+    let new_mk = e.dir.path().join("new.key");
+    keyfs(&[
+        OsStr::new("init"),
+        OsStr::new(e.dir.path().join("scratch-store").as_os_str()),
+        OsStr::new("--generate-master-key"),
+        new_mk.as_os_str(),
+    ])
+    .assert_ok();
+    let o = keyfs(&[
+        "--master-key-file",
+        mk_s,
+        "rewrap",
+        "--store",
+        &url,
+        "--new-master-key-file",
+        new_mk.to_str().unwrap(),
+    ]);
+    assert_eq!(o.code, Some(3), "{}", o.stderr);
+    assert!(
+        o.stderr
+            .contains("more than the cluster accepts in one transaction")
+            && o.stderr
+                .contains("raise --max-txn-ops and --max-request-bytes")
+            && o.stderr.contains("nothing was changed"),
+        "{}",
+        o.stderr
+    );
+    // Nothing changed: the old master key still opens everything.
+    let after = keyfs(&["--master-key-file", mk_s, "list", "--store", &url, "--json"]);
+    after.assert_ok();
+    assert_eq!(after.stdout, before.stdout);
+    keyfs(&["--master-key-file", mk_s, "check", "--store", &url]).assert_ok();
+}

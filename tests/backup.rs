@@ -30,6 +30,7 @@
 //! Needs root, /dev/fuse, tar, rsync, openssl. Run:
 //! `cargo test --test tests backup -- --test-threads=2`.
 
+use crate::common::{contains, history, rand_bytes};
 use crate::common::{run, sha256_hex, Mounted, Out};
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
@@ -43,12 +44,6 @@ const CAROL: &str = "clients/carol-3";
 // ---------------------------------------------------------------------------
 // building a source tree
 // ---------------------------------------------------------------------------
-
-fn rand_bytes(n: usize) -> Vec<u8> {
-    let mut b = vec![0u8; n];
-    getrandom::getrandom(&mut b).expect("getrandom");
-    b
-}
 
 /// Random printable text of `n` bytes (an opaque secret that is easy to grep).
 fn rand_text(n: usize) -> Vec<u8> {
@@ -92,23 +87,6 @@ fn openssl_p256(m: &Mounted, name: &str) -> String {
 #[track_caller]
 fn cp_in(m: &Mounted, src: &str, rel: &str) {
     run("cp", &[src, &m.p(rel)]).assert_ok();
-}
-
-/// Sorted names in `MNT/<rel>.old/` (empty when there is no history).
-#[track_caller]
-fn history(m: &Mounted, rel: &str) -> Vec<String> {
-    let d = m.path(&format!("{rel}.old"));
-    match std::fs::read_dir(&d) {
-        Ok(rd) => {
-            let mut v: Vec<String> = rd
-                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect();
-            v.sort();
-            v
-        }
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Vec::new(),
-        Err(e) => panic!("listing {}: {e}", d.display()),
-    }
 }
 
 /// A new store (generated master key), served in plaintext, holding:
@@ -621,10 +599,6 @@ fn plaintext_rsync_restores_the_tree_and_a_second_run_is_a_no_op() {
 // ---------------------------------------------------------------------------
 // 2. the sealed view
 // ---------------------------------------------------------------------------
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
-}
 
 /// The byte strings that must never appear in a sealed file: the plaintext of
 /// every file of a plaintext view (current and archived versions, public keys

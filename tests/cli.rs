@@ -9,6 +9,7 @@
 //! in their body.
 
 use crate::common;
+use crate::common::{contains, hex};
 use base64::Engine;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -26,10 +27,6 @@ const EXPORT_MAGIC: &[u8] = b"KEYFS-EXPORT-1\n";
 
 fn b64() -> base64::engine::GeneralPurpose {
     base64::engine::general_purpose::STANDARD
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn sha256_hex(b: &[u8]) -> String {
@@ -54,10 +51,6 @@ fn chmod(p: &Path, mode: u32) {
 fn write_file(p: &Path, data: &[u8], mode: u32) {
     std::fs::write(p, data).unwrap();
     chmod(p, mode);
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
 }
 
 /// What a finished command left behind.

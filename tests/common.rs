@@ -1256,3 +1256,80 @@ pub fn with_db<R>(store: &Path, f: impl FnOnce(&sled::Db) -> R) -> R {
     drop(db);
     r
 }
+
+// ----- helpers shared by the test modules -----
+
+pub fn rand_bytes(n: usize) -> Vec<u8> {
+    let mut b = vec![0u8; n];
+    getrandom::getrandom(&mut b).expect("getrandom");
+    b
+}
+
+/// Sorted names in `MNT/<rel>.old/` (empty when there is no history).
+#[track_caller]
+pub fn history(m: &Mounted, rel: &str) -> Vec<String> {
+    let d = m.path(&format!("{rel}.old"));
+    match std::fs::read_dir(&d) {
+        Ok(rd) => {
+            let mut v: Vec<String> = rd
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Vec::new(),
+        Err(e) => panic!("listing {}: {e}", d.display()),
+    }
+}
+
+/// One xattr through `getfattr --only-values`.
+#[track_caller]
+pub fn xattr(m: &Mounted, rel: &str, name: &str) -> String {
+    run(
+        "getfattr",
+        &["--absolute-names", "--only-values", "-n", name, &m.p(rel)],
+    )
+    .assert_ok()
+    .text()
+}
+
+/// `stat -c FORMAT MNT/rel`, trimmed.
+#[track_caller]
+pub fn stat_c(m: &Mounted, fmt: &str, rel: &str) -> String {
+    run("stat", &["-c", fmt, &m.p(rel)])
+        .assert_ok()
+        .text()
+        .trim()
+        .to_owned()
+}
+
+/// The errno a syscall-level operation failed with.
+#[track_caller]
+pub fn errno_of<T: std::fmt::Debug>(r: std::io::Result<T>, what: &str) -> i32 {
+    match r {
+        Ok(v) => panic!("{what} should have failed, but succeeded: {v:?}"),
+        Err(e) => e
+            .raw_os_error()
+            .unwrap_or_else(|| panic!("{what}: not an OS error: {e}")),
+    }
+}
+
+#[track_caller]
+pub fn assert_check_clean(m: &Mounted) {
+    let o = m.check();
+    assert!(
+        o.ok(),
+        "keyfs check reports problems ({:?}):\n{}{}",
+        o.code,
+        o.text(),
+        o.stderr
+    );
+}
+
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

@@ -19,6 +19,7 @@
 //!
 //! Run: `cargo test --test tests distributed -- --nocapture`.
 
+use crate::common::{contains, hex, rand_bytes};
 use crate::common::{keyfs, require_root_and_fuse, run, sha256_hex, EtcdCluster, Mounted, Out};
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
@@ -90,16 +91,6 @@ impl Hosts {
         a.extend(args.iter().map(OsStr::new));
         keyfs(&a)
     }
-}
-
-fn rand_bytes(n: usize) -> Vec<u8> {
-    let mut b = vec![0u8; n];
-    getrandom::getrandom(&mut b).expect("getrandom");
-    b
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Create or overwrite `path` with `data` and commit it (fsync commits an
@@ -1053,10 +1044,6 @@ fn distributed_member_loss_and_full_outage() {
 // ---------------------------------------------------------------------------
 // secrecy
 // ---------------------------------------------------------------------------
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
-}
 
 /// Forms in which a secret could leak: itself, hex, base64; for a PEM
 /// private key also its DER and its private scalar (in those forms). (Not

@@ -12,6 +12,7 @@
 //!
 //! Run: `cargo test --test tests mount -- --test-threads=2`.
 
+use crate::common::{assert_check_clean, errno_of, history, rand_bytes, stat_c, xattr};
 use crate::common::{
     is_mounted, keyfs, master_key_file, run, run_as_nobody, sh, sha256_hex, tree_digest, Mounted,
 };
@@ -25,12 +26,6 @@ const C: &str = "clients/alice01";
 // ---------------------------------------------------------------------------
 // helpers
 // ---------------------------------------------------------------------------
-
-fn rand_bytes(n: usize) -> Vec<u8> {
-    let mut b = vec![0u8; n];
-    getrandom::getrandom(&mut b).expect("getrandom");
-    b
-}
 
 /// Read a file through the mount (a real open/read/close).
 #[track_caller]
@@ -49,23 +44,6 @@ fn outside(m: &Mounted, name: &str, data: &[u8]) -> String {
     let p = m.dir.path().join(name);
     std::fs::write(&p, data).unwrap();
     p.to_str().unwrap().to_owned()
-}
-
-/// Sorted names in `MNT/<rel>.old/` (empty when there is no history).
-#[track_caller]
-fn history(m: &Mounted, rel: &str) -> Vec<String> {
-    let d = m.path(&format!("{rel}.old"));
-    match std::fs::read_dir(&d) {
-        Ok(rd) => {
-            let mut v: Vec<String> = rd
-                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect();
-            v.sort();
-            v
-        }
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Vec::new(),
-        Err(e) => panic!("listing {}: {e}", d.display()),
-    }
 }
 
 /// Contents of every archived version of `rel`, in name (= time) order.
@@ -108,38 +86,6 @@ fn ls_ln(m: &Mounted, rel: &str) -> BTreeMap<String, (String, u64, u32, u32, u64
             )
         })
         .collect()
-}
-
-/// `stat -c FORMAT MNT/rel`, trimmed.
-#[track_caller]
-fn stat_c(m: &Mounted, fmt: &str, rel: &str) -> String {
-    run("stat", &["-c", fmt, &m.p(rel)])
-        .assert_ok()
-        .text()
-        .trim()
-        .to_owned()
-}
-
-/// The errno a syscall-level operation failed with.
-#[track_caller]
-fn errno_of<T: std::fmt::Debug>(r: std::io::Result<T>, what: &str) -> i32 {
-    match r {
-        Ok(v) => panic!("{what} should have failed, but succeeded: {v:?}"),
-        Err(e) => e
-            .raw_os_error()
-            .unwrap_or_else(|| panic!("{what}: not an OS error: {e}")),
-    }
-}
-
-/// One xattr through `getfattr --only-values`.
-#[track_caller]
-fn xattr(m: &Mounted, rel: &str, name: &str) -> String {
-    run(
-        "getfattr",
-        &["--absolute-names", "--only-values", "-n", name, &m.p(rel)],
-    )
-    .assert_ok()
-    .text()
 }
 
 /// The hidden audit log as text.
@@ -254,18 +200,6 @@ fn versions_of<'a>(list: &'a serde_json::Value, path: &str) -> Vec<&'a serde_jso
         .filter(|e| e["path"] == path)
         .flat_map(|e| e["versions"].as_array().expect("versions").iter())
         .collect()
-}
-
-#[track_caller]
-fn assert_check_clean(m: &Mounted) {
-    let o = m.check();
-    assert!(
-        o.ok(),
-        "keyfs check reports problems ({:?}):\n{}{}",
-        o.code,
-        o.text(),
-        o.stderr
-    );
 }
 
 // ---------------------------------------------------------------------------

@@ -20,6 +20,9 @@
 //! Run: `cargo test --test tests security -- --test-threads=2`.
 
 use crate::common::{
+    assert_check_clean, contains, errno_of, hex, history, rand_bytes, stat_c, xattr,
+};
+use crate::common::{
     is_mounted, keyfs_bin, run, run_as, run_as_nobody, run_env, sh, sha256_hex, tempdir, Mounted,
     Out, Tmpfs,
 };
@@ -36,12 +39,6 @@ const DAEMON: u32 = 1;
 // ---------------------------------------------------------------------------
 // helpers
 // ---------------------------------------------------------------------------
-
-fn rand_bytes(n: usize) -> Vec<u8> {
-    let mut b = vec![0u8; n];
-    getrandom::getrandom(&mut b).expect("getrandom");
-    b
-}
 
 /// Read a file through the mount as root (a real open/read/close).
 #[track_caller]
@@ -62,67 +59,6 @@ fn outside(m: &Mounted, name: &str, data: &[u8]) -> String {
 /// under a strict umask).
 fn open_temp_dir(m: &Mounted) {
     std::fs::set_permissions(m.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-}
-
-/// Sorted names in `MNT/<rel>.old/` (empty when there is no history).
-#[track_caller]
-fn history(m: &Mounted, rel: &str) -> Vec<String> {
-    let d = m.path(&format!("{rel}.old"));
-    match std::fs::read_dir(&d) {
-        Ok(rd) => {
-            let mut v: Vec<String> = rd
-                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect();
-            v.sort();
-            v
-        }
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Vec::new(),
-        Err(e) => panic!("listing {}: {e}", d.display()),
-    }
-}
-
-/// One xattr through `getfattr --only-values`.
-#[track_caller]
-fn xattr(m: &Mounted, rel: &str, name: &str) -> String {
-    run(
-        "getfattr",
-        &["--absolute-names", "--only-values", "-n", name, &m.p(rel)],
-    )
-    .assert_ok()
-    .text()
-}
-
-/// `stat -c FORMAT MNT/rel`, trimmed.
-#[track_caller]
-fn stat_c(m: &Mounted, fmt: &str, rel: &str) -> String {
-    run("stat", &["-c", fmt, &m.p(rel)])
-        .assert_ok()
-        .text()
-        .trim()
-        .to_owned()
-}
-
-/// The errno a syscall-level operation failed with.
-#[track_caller]
-fn errno_of<T: std::fmt::Debug>(r: std::io::Result<T>, what: &str) -> i32 {
-    match r {
-        Ok(v) => panic!("{what} should have failed, but succeeded: {v:?}"),
-        Err(e) => e
-            .raw_os_error()
-            .unwrap_or_else(|| panic!("{what}: not an OS error: {e}")),
-    }
-}
-
-#[track_caller]
-fn assert_check_clean(m: &Mounted) {
-    let o = m.check();
-    assert!(
-        o.ok(),
-        "keyfs check reports problems ({:?}):\n{}{}",
-        o.code,
-        o.text(),
-        o.stderr
-    );
 }
 
 /// open(O_WRONLY|O_CREAT|O_TRUNC) + write + close(2), returning close's
@@ -216,14 +152,6 @@ fn live_versions(list: &serde_json::Value, path: &str) -> Vec<serde_json::Value>
         .collect();
     v.sort_by_key(|v| v["version"].as_u64().unwrap());
     v
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// `openssl genpkey` of an EC key on `curve` into `dir/name`; returns
